@@ -1,0 +1,136 @@
+"""Configurations for hf_clip: text tower, image tower (ViT or modified ResNet) and the joint model.
+
+Fields shared with transformers' `CLIPTextConfig` / `CLIPVisionConfig` keep transformers' names, so a `CLIPConfig`
+dictionary builds the equivalent `HfClipConfig`.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+BACKBONES = ("vit", "resnet")
+
+
+@strict
+class HfClipTextConfig(PreTrainedConfig):
+    """Causal text transformer pooled at the first end-of-text token."""
+
+    model_type = "hf_clip_text_model"
+    base_config_key = "text_config"
+
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    # OpenAI pads with 0; transformers' CLIP configs say 1. Features do not depend on it (causal tower, EOS pooling).
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 49406
+    eos_token_id: int | None = 49407
+
+    def validate_architecture(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"text hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+        if self.eos_token_id is None or not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(f"text eos_token_id ({self.eos_token_id}) must be an id below vocab_size ({self.vocab_size}).")
+
+
+@strict
+class HfClipVisionConfig(PreTrainedConfig):
+    """Image tower. `backbone="vit"` is the paper's ViT; `backbone="resnet"` its modified ResNet.
+
+    ResNet fields: `layers` (bottleneck blocks per stage, four stages), `width` (stem width; stage i has
+    `width * 2**i` channels, the final feature map `width * 32`), and `num_attention_heads` (heads of the attention
+    pool, `width * 32 / 64` in every published model). ViT fields follow transformers' `CLIPVisionConfig`.
+    """
+
+    model_type = "hf_clip_vision_model"
+    base_config_key = "vision_config"
+
+    backbone: str = "vit"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+    layers: list[int] | None = None
+    width: int = 64
+
+    def validate_architecture(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"vision backbone must be one of {BACKBONES}, got {self.backbone!r}.")
+        if self.backbone == "vit":
+            if self.layers is not None:
+                raise ValueError("`layers` is a ResNet field; a ViT is sized by num_hidden_layers.")
+            if self.hidden_size % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"vision hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads})."
+                )
+            if self.image_size % self.patch_size != 0:
+                raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}).")
+        else:
+            if self.layers is None or len(self.layers) != 4 or any(n < 1 for n in self.layers):
+                raise ValueError(f"a ResNet needs `layers`: four positive block counts, got {self.layers}.")
+            if (self.width * 32) % self.num_attention_heads != 0:
+                raise ValueError(
+                    f"ResNet feature width ({self.width * 32} = width * 32) must be a multiple of the attention-pool "
+                    f"heads ({self.num_attention_heads})."
+                )
+            if self.image_size % 32 != 0:
+                raise ValueError(f"a ResNet downsamples by 32: image_size ({self.image_size}) must be a multiple of 32.")
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the pooled image feature before the projection."""
+        return self.hidden_size if self.backbone == "vit" else self.width * 32
+
+
+@strict
+class HfClipConfig(PreTrainedConfig):
+    """Joint CLIP configuration: a text config, a vision config and the shared embedding size."""
+
+    model_type = "hf_clip"
+    sub_configs = {"text_config": HfClipTextConfig, "vision_config": HfClipVisionConfig}
+
+    text_config: dict | HfClipTextConfig | None = None
+    vision_config: dict | HfClipVisionConfig | None = None
+    projection_dim: int = 512
+    # ln(1 / 0.07): the paper's initial temperature.
+    logit_scale_init_value: float = math.log(1 / 0.07)
+    initializer_factor: float = 1.0
+
+    def __post_init__(self, **kwargs) -> None:
+        if self.text_config is None:
+            self.text_config = HfClipTextConfig()
+        elif isinstance(self.text_config, dict):
+            self.text_config = HfClipTextConfig(**_foreign_keys_removed(self.text_config))
+        if self.vision_config is None:
+            self.vision_config = HfClipVisionConfig()
+        elif isinstance(self.vision_config, dict):
+            self.vision_config = HfClipVisionConfig(**_foreign_keys_removed(self.vision_config))
+        super().__post_init__(**kwargs)
+
+
+def _foreign_keys_removed(sub_config: dict) -> dict:
+    """A transformers `CLIPConfig` dict carries its own `model_type`; the hf_clip sub-config sets its own."""
+    return {key: value for key, value in sub_config.items() if key != "model_type"}

@@ -1,0 +1,122 @@
+"""The text tower: token + position embeddings, a causal transformer, final LayerNorm, pooled at the first EOS."""
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from .configuration_hf_clip import HfClipTextConfig
+from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel
+
+
+class HfClipTextEmbeddings(nn.Module):
+    def __init__(self, config: HfClipTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        seq_len = input_ids.shape[-1]
+        max_len = self.position_embedding.num_embeddings
+        if seq_len > max_len:
+            raise ValueError(f"text of {seq_len} tokens is longer than the model's context of {max_len} tokens.")
+        if position_ids is None:
+            position_ids = self.position_ids[:, :seq_len]
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, 1, query, key) mask that hides future tokens and padded keys."""
+    seq_len = attention_mask.shape[-1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=attention_mask.device).tril()
+    visible = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(visible.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+        ~visible, torch.finfo(dtype).min
+    )
+
+
+class HfClipTextModel(HfClipPreTrainedModel):
+    """Causal text transformer; `pooler_output` is the final-LayerNorm state at each sequence's first EOS token."""
+
+    config: HfClipTextConfig
+    config_class = HfClipTextConfig
+    input_modalities = ("text",)
+    _input_embed_layer = "token_embedding"
+
+    def __init__(self, config: HfClipTextConfig):
+        super().__init__(config)
+        self.embeddings = HfClipTextEmbeddings(config)
+        self.encoder = HfClipEncoder(config, is_causal=True)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.token_embedding = value
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, HfClipTextEmbeddings):
+            factor = self.config.initializer_factor
+            init.normal_(module.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.position_embedding.weight, std=0.01 * factor)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        if input_ids is None:
+            raise ValueError("HfClipTextModel needs `input_ids`.")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        eos_positions = self.first_eos_positions(input_ids)
+
+        hidden_states = self.embeddings(input_ids, position_ids)
+        # Without padding the module's `is_causal` does the masking, so sdpa and flash kernels see no mask tensor.
+        mask = None
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+            mask = causal_padding_mask(attention_mask.view(input_ids.shape), hidden_states.dtype)
+        last_hidden_state, hidden_states_all, attentions = self.encoder(
+            hidden_states, mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
+        )
+        last_hidden_state = self.final_layer_norm(last_hidden_state)
+        pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0]), eos_positions]
+
+        if not return_dict:
+            return tuple(
+                v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None
+            )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states_all,
+            attentions=attentions,
+        )
+
+    def first_eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Index of each row's first EOS token; a row without one is an input error, not a silent wrong pooling."""
+        is_eos = input_ids == self.config.eos_token_id
+        # The check reads a value back from the device, so a compiled graph skips it.
+        has_eos = is_eos.any(dim=-1)
+        if not torch.compiler.is_compiling() and not bool(has_eos.all()):
+            rows = torch.nonzero(~has_eos).flatten().tolist()
+            raise ValueError(
+                f"input_ids rows {rows} contain no end-of-text token (id {self.config.eos_token_id}); the text "
+                "tower pools at the first one. Tokenize with the model's tokenizer."
+            )
+        return is_eos.int().argmax(dim=-1)
