@@ -34,7 +34,7 @@ class HfClipTextConfig(PreTrainedConfig):
     # OpenAI pads with 0; transformers' CLIP configs say 1. Features do not depend on it (causal tower, EOS pooling).
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
-    eos_token_id: int | None = 49407
+    eos_token_id: int = 49407
 
     def validate_architecture(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
@@ -42,8 +42,10 @@ class HfClipTextConfig(PreTrainedConfig):
                 f"text hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
                 f"({self.num_attention_heads})."
             )
-        if self.eos_token_id is None or not 0 <= self.eos_token_id < self.vocab_size:
-            raise ValueError(f"text eos_token_id ({self.eos_token_id}) must be an id below vocab_size ({self.vocab_size}).")
+        if not 0 <= self.eos_token_id < self.vocab_size:
+            raise ValueError(
+                f"text eos_token_id ({self.eos_token_id}) must be an id below vocab_size ({self.vocab_size})."
+            )
 
 
 @strict
@@ -87,7 +89,9 @@ class HfClipVisionConfig(PreTrainedConfig):
                     f"({self.num_attention_heads})."
                 )
             if self.image_size % self.patch_size != 0:
-                raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}).")
+                raise ValueError(
+                    f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
+                )
         else:
             if self.layers is None or len(self.layers) != 4 or any(n < 1 for n in self.layers):
                 raise ValueError(f"a ResNet needs `layers`: four positive block counts, got {self.layers}.")
@@ -97,7 +101,9 @@ class HfClipVisionConfig(PreTrainedConfig):
                     f"heads ({self.num_attention_heads})."
                 )
             if self.image_size % 32 != 0:
-                raise ValueError(f"a ResNet downsamples by 32: image_size ({self.image_size}) must be a multiple of 32.")
+                raise ValueError(
+                    f"a ResNet downsamples by 32: image_size ({self.image_size}) must be a multiple of 32."
+                )
 
     @property
     def feature_size(self) -> int:

@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -73,10 +73,13 @@ class HfClipModel(HfClipPreTrainedModel):
 
     def __init__(self, config: HfClipConfig):
         super().__init__(config)
-        self.text_model = HfClipTextModel._from_config(config.text_config)
-        self.vision_model = build_vision_tower(config.vision_config)
-        self.visual_projection = _projection(config.vision_config, config.projection_dim)
-        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+        # HfClipConfig.__post_init__ has turned both sub-configs into config objects.
+        text_config = cast(HfClipTextConfig, config.text_config)
+        vision_config = cast(HfClipVisionConfig, config.vision_config)
+        self.text_model = HfClipTextModel._from_config(text_config)
+        self.vision_model = build_vision_tower(vision_config)
+        self.visual_projection = _projection(vision_config, config.projection_dim)
+        self.text_projection = nn.Linear(text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
@@ -84,9 +87,9 @@ class HfClipModel(HfClipPreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, HfClipModel):
-            init.normal_(module.text_projection.weight, std=module.config.text_config.hidden_size**-0.5)
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5)
             if isinstance(module.visual_projection, nn.Linear):
-                init.normal_(module.visual_projection.weight, std=module.config.vision_config.hidden_size**-0.5)
+                init.normal_(module.visual_projection.weight, std=module.visual_projection.in_features**-0.5)
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
     def get_text_features(
@@ -138,8 +141,8 @@ class HfClipModel(HfClipPreTrainedModel):
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **flags)
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **flags)
 
-        image_embeds = nn.functional.normalize(vision_outputs.pooler_output, dim=-1)
-        text_embeds = nn.functional.normalize(text_outputs.pooler_output, dim=-1)
+        image_embeds = nn.functional.normalize(vision_outputs["pooler_output"], dim=-1)
+        text_embeds = nn.functional.normalize(text_outputs["pooler_output"], dim=-1)
         logits_per_text = self.scaled_logits(text_embeds, image_embeds)
         logits_per_image = logits_per_text.t()
         loss = clip_loss(logits_per_text) if return_loss else None
@@ -162,7 +165,7 @@ class HfClipVisionModel(HfClipPreTrainedModel):
     config: HfClipVisionConfig
     config_class = HfClipVisionConfig
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = "image"
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -177,7 +180,7 @@ class HfClipVisionModelWithProjection(HfClipPreTrainedModel):
     config: HfClipVisionConfig
     config_class = HfClipVisionConfig
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = "image"
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -208,7 +211,7 @@ class HfClipVisionModelWithProjection(HfClipPreTrainedModel):
 class HfClipTextModelWithProjection(HfClipPreTrainedModel):
     config: HfClipTextConfig
     config_class = HfClipTextConfig
-    input_modalities = ("text",)
+    input_modalities = "text"
 
     def __init__(self, config: HfClipTextConfig):
         super().__init__(config)

@@ -152,7 +152,7 @@ class HfClipPreTrainedModel(PreTrainedModel):
 
     config: HfClipConfig | HfClipTextConfig | HfClipVisionConfig
     base_model_prefix = "hf_clip"
-    input_modalities = ("image", "text")
+    input_modalities: str | list[str] = ["image", "text"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck"]

@@ -41,7 +41,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
 
     config: HfClipTextConfig
     config_class = HfClipTextConfig
-    input_modalities = ("text",)
+    input_modalities = "text"
     _input_embed_layer = "token_embedding"
 
     def __init__(self, config: HfClipTextConfig):
@@ -50,12 +50,6 @@ class HfClipTextModel(HfClipPreTrainedModel):
         self.encoder = HfClipEncoder(config, is_causal=True)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.token_embedding = value
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -98,9 +92,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0]), eos_positions]
 
         if not return_dict:
-            return tuple(
-                v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None
-            )
+            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None)
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled_output,
@@ -110,7 +102,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
 
     def first_eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of each row's first EOS token; a row without one is an input error, not a silent wrong pooling."""
-        is_eos = input_ids == self.config.eos_token_id
+        is_eos = torch.eq(input_ids, self.config.eos_token_id)
         # The check reads a value back from the device, so a compiled graph skips it.
         has_eos = is_eos.any(dim=-1)
         if not torch.compiler.is_compiling() and not bool(has_eos.all()):

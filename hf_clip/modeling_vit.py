@@ -61,7 +61,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
     config: HfClipVisionConfig
     config_class = HfClipVisionConfig
     main_input_name = "pixel_values"
-    input_modalities = ("image",)
+    input_modalities = "image"
     _input_embed_layer = "patch_embedding"
 
     def __init__(self, config: HfClipVisionConfig):
@@ -71,9 +71,6 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         self.encoder = HfClipEncoder(config, is_causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embedding
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -109,9 +106,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         pooled_output = self.post_layernorm(last_hidden_state[:, 0])
 
         if not return_dict:
-            return tuple(
-                v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None
-            )
+            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None)
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled_output,

@@ -38,7 +38,9 @@ TINY_RESNET = {
 
 
 def tiny_config(vision: dict | None = None, **overrides) -> HfClipConfig:
-    return HfClipConfig(text_config=dict(TINY_TEXT), vision_config=dict(vision or TINY_VIT), projection_dim=16, **overrides)
+    return HfClipConfig(
+        text_config=dict(TINY_TEXT), vision_config=dict(vision or TINY_VIT), projection_dim=16, **overrides
+    )
 
 
 def random_text(batch_size: int, seq_len: int, lengths: list[int] | None = None, seed: int = 0) -> dict:
