@@ -1,0 +1,259 @@
+"""The paper's modified ResNet image tower: a three-convolution stem with average pooling, bottleneck blocks whose
+strided convolutions are anti-aliased by average pooling, and a multi-head attention pool queried by the mean token.
+
+Inside stages and blocks the module names equal OpenAI's (`layer1.0.conv1`, `bn3`, ...), so the OpenAI / open_clip key
+mapping only moves the stem into `stem`, names the downsample parts and renames the attention pool
+(`conversion/key_mappings.py`).
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_hf_clip import HfClipVisionConfig
+from .modeling_layers import HfClipPreTrainedModel, eager_attention_forward
+
+# Channels of a bottleneck's output relative to its inner width.
+EXPANSION = 4
+
+
+class HfClipResNetStem(nn.Module):
+    """Three 3x3 convolutions (the first with stride 2) and a 2x2 average pool instead of a max pool: stride 4."""
+
+    def __init__(self, config: HfClipVisionConfig):
+        super().__init__()
+        half_width = config.width // 2
+        self.conv1 = nn.Conv2d(config.num_channels, half_width, kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(half_width)
+        self.conv2 = nn.Conv2d(half_width, half_width, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(half_width)
+        self.conv3 = nn.Conv2d(half_width, config.width, kernel_size=3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(config.width)
+        self.act = nn.ReLU()
+        self.avgpool = nn.AvgPool2d(2)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.act(self.bn1(self.conv1(pixel_values)))
+        hidden_states = self.act(self.bn2(self.conv2(hidden_states)))
+        hidden_states = self.act(self.bn3(self.conv3(hidden_states)))
+        return self.avgpool(hidden_states)
+
+
+class HfClipDownsample(nn.Module):
+    """Shortcut projection: average pool (anti-aliased stride), then a stride-1 1x1 convolution and BatchNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(self.pool(hidden_states)))
+
+
+class HfClipBottleneck(GradientCheckpointingLayer):
+    """1x1 → 3x3 → (average pool when strided) → 1x1 ×4 residual block; every convolution has stride 1."""
+
+    def __init__(self, in_channels: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_channels = planes * EXPANSION
+        self.conv1 = nn.Conv2d(in_channels, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.act = nn.ReLU()
+        needs_projection = stride > 1 or in_channels != out_channels
+        self.downsample = HfClipDownsample(in_channels, out_channels, stride) if needs_projection else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states if self.downsample is None else self.downsample(hidden_states)
+        hidden_states = self.act(self.bn1(self.conv1(hidden_states)))
+        hidden_states = self.act(self.bn2(self.conv2(hidden_states)))
+        hidden_states = self.bn3(self.conv3(self.avgpool(hidden_states)))
+        return self.act(hidden_states + residual)
+
+
+def make_stage(in_channels: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
+    """A stage: the first block changes width (and resolution when strided), the rest keep it."""
+    blocks = [HfClipBottleneck(in_channels, planes, stride)]
+    blocks += [HfClipBottleneck(planes * EXPANSION, planes) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+class HfClipAttentionPool(nn.Module):
+    """Multi-head attention over the flattened feature map plus its mean; the mean token is the only query.
+
+    Positions cover the training grid plus the mean token. `c_proj` maps into the joint embedding space, so the
+    ResNet needs no separate visual projection.
+    """
+
+    def __init__(self, config: HfClipVisionConfig):
+        super().__init__()
+        self.config = config
+        self.embed_dim = config.width * 32
+        self.num_heads = config.num_attention_heads
+        self.head_dim = self.embed_dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.is_causal = False
+        self.grid_size = config.image_size // 32
+        self.position_embedding = nn.Embedding(self.grid_size**2 + 1, self.embed_dim)
+        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.c_proj = nn.Linear(self.embed_dim, config.projection_dim)
+
+    def interpolated_positions(self, height: int, width: int) -> torch.Tensor:
+        """Grid positions resized bicubically to a (height, width) feature map; the mean-token position is kept."""
+        positions = self.position_embedding.weight
+        mean_position, grid_positions = positions[:1], positions[1:]
+        grid_positions = grid_positions.reshape(1, self.grid_size, self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
+        grid_positions = nn.functional.interpolate(
+            grid_positions, size=(height, width), mode="bicubic", align_corners=False
+        )
+        grid_positions = grid_positions.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+        return torch.cat([mean_position, grid_positions])
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, _, height, width = feature_map.shape
+        tokens = feature_map.flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        if (height, width) == (self.grid_size, self.grid_size):
+            positions = self.position_embedding.weight
+        else:
+            positions = self.interpolated_positions(height, width)
+        tokens = tokens + positions.to(tokens.dtype)
+
+        head_shape = (batch_size, -1, self.num_heads, self.head_dim)
+        query = self.q_proj(tokens[:, :1]).view(head_shape).transpose(1, 2)
+        key = self.k_proj(tokens).view(head_shape).transpose(1, 2)
+        value = self.v_proj(tokens).view(head_shape).transpose(1, 2)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=False
+        )
+        pooled = self.c_proj(attn_output.reshape(batch_size, self.embed_dim))
+        return pooled, attn_weights
+
+
+class HfClipResNetModel(HfClipPreTrainedModel):
+    """Modified-ResNet image tower. `last_hidden_state` is the final (batch, width·32, h, w) feature map and
+    `pooler_output` the attention pool's output, already in the joint embedding space (`projection_dim`)."""
+
+    config: HfClipVisionConfig
+    config_class = HfClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = "image"
+
+    def __init__(self, config: HfClipVisionConfig):
+        super().__init__(config)
+        if config.backbone != "resnet":
+            raise ValueError(f"HfClipResNetModel needs vision_config.backbone='resnet', got {config.backbone!r}.")
+        if config.layers is None:
+            raise ValueError("HfClipResNetModel needs `layers`: four block counts.")
+        self.stem = HfClipResNetStem(config)
+        width = config.width
+        self.layer1 = make_stage(width, width, config.layers[0], stride=1)
+        self.layer2 = make_stage(width * 4, width * 2, config.layers[1], stride=2)
+        self.layer3 = make_stage(width * 8, width * 4, config.layers[2], stride=2)
+        self.layer4 = make_stage(width * 16, width * 8, config.layers[3], stride=2)
+        self.attention_pool = HfClipAttentionPool(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.stem.conv1
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # OpenAI (DESIGN §9): convolutions keep PyTorch's default init, BatchNorm starts as identity except the last
+        # one of each bottleneck, which starts at zero so every residual branch begins as the identity.
+        super()._init_weights(module)
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, HfClipResNetStem):
+            for batch_norm in (module.bn1, module.bn2, module.bn3):
+                _init_batch_norm(batch_norm, weight=1.0)
+        elif isinstance(module, HfClipDownsample):
+            _init_batch_norm(module.bn, weight=1.0)
+        elif isinstance(module, HfClipBottleneck):
+            _init_batch_norm(module.bn1, weight=1.0)
+            _init_batch_norm(module.bn2, weight=1.0)
+            _init_batch_norm(module.bn3, weight=0.0)
+        elif isinstance(module, HfClipAttentionPool):
+            factor = self.config.initializer_factor
+            init.normal_(module.position_embedding.weight, std=module.embed_dim**-0.5 * factor)
+            std = module.c_proj.in_features**-0.5 * factor
+            for projection in (module.q_proj, module.k_proj, module.v_proj, module.c_proj):
+                init.normal_(projection.weight, std=std)
+                # Biases keep PyTorch's default range, as in OpenAI's model.
+                bound = projection.in_features**-0.5
+                init.uniform_(projection.bias, -bound, bound)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        if pixel_values is None:
+            raise ValueError("the image tower needs `pixel_values`.")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        image_size = self.config.image_size
+        if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
+            raise ValueError(
+                f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
+                "pass interpolate_pos_encoding=True to run at another resolution."
+            )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        hidden_states = self.stem(pixel_values.to(self.stem.conv1.weight.dtype))
+        all_hidden_states: tuple[torch.Tensor, ...] = (hidden_states,)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            hidden_states = stage(hidden_states)
+            all_hidden_states += (hidden_states,)
+        pooled_output, attn_weights = self.attention_pool(hidden_states)
+
+        hidden_states_out = all_hidden_states if output_hidden_states else None
+        attentions = (attn_weights,) if output_attentions and attn_weights is not None else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, pooled_output, hidden_states_out, attentions) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states_out,
+            attentions=attentions,
+        )
+
+
+def _init_batch_norm(batch_norm: nn.BatchNorm2d, weight: float) -> None:
+    init.constant_(batch_norm.weight, weight)
+    init.zeros_(batch_norm.bias)
+    for name, buffer in batch_norm.named_buffers():
+        # running_var starts at 1; running_mean and num_batches_tracked at 0.
+        if name == "running_var":
+            init.ones_(buffer)
+        else:
+            init.zeros_(buffer)
