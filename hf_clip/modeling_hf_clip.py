@@ -13,13 +13,14 @@ from transformers.utils import ModelOutput
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
 from .loss import clip_loss
 from .modeling_layers import HfClipPreTrainedModel
+from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
 from .modeling_vit import HfClipVisionTransformer
 
 # The paper clamps the temperature so logits are scaled by at most 100.
 LOGIT_SCALE_MAX = math.log(100)
 
-VISION_TOWERS: dict[str, type[HfClipPreTrainedModel]] = {"vit": HfClipVisionTransformer}
+VISION_TOWERS: dict[str, type[HfClipPreTrainedModel]] = {"vit": HfClipVisionTransformer, "resnet": HfClipResNetModel}
 
 
 def build_vision_tower(config: HfClipVisionConfig) -> HfClipPreTrainedModel:
