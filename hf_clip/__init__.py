@@ -12,6 +12,7 @@ from .modeling_hf_clip import (
     HfClipVisionModelWithProjection,
 )
 from .modeling_layers import HfClipPreTrainedModel
+from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "HfClipModel",
     "HfClipOutput",
     "HfClipPreTrainedModel",
+    "HfClipResNetModel",
     "HfClipTextConfig",
     "HfClipTextModel",
     "HfClipTextModelWithProjection",
