@@ -1,6 +1,7 @@
 """hf_clip: CLIP (Radford et al., 2021) as a native transformers package."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
 from .loss import clip_loss, contrastive_loss
@@ -14,6 +15,8 @@ from .modeling_hf_clip import (
 from .modeling_layers import HfClipPreTrainedModel
 from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
+from .pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK, ZeroShotEnsembleImageClassificationPipeline
+from .zero_shot import ZeroShotClassifier, build_class_embeddings
 
 __all__ = [
     "HfClipConfig",
@@ -27,6 +30,9 @@ __all__ = [
     "HfClipVisionConfig",
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
+    "ZeroShotClassifier",
+    "ZeroShotEnsembleImageClassificationPipeline",
+    "build_class_embeddings",
     "clip_loss",
     "contrastive_loss",
 ]
@@ -38,3 +44,9 @@ AutoModel.register(HfClipConfig, HfClipModel)
 AutoModel.register(HfClipTextConfig, HfClipTextModel)
 AutoModel.register(HfClipVisionConfig, HfClipVisionModel)
 AutoModelForZeroShotImageClassification.register(HfClipConfig, HfClipModel)
+PIPELINE_REGISTRY.register_pipeline(
+    ZERO_SHOT_ENSEMBLE_TASK,
+    pipeline_class=ZeroShotEnsembleImageClassificationPipeline,
+    pt_model=AutoModelForZeroShotImageClassification,
+    type="multimodal",
+)
