@@ -134,6 +134,8 @@ class HfClipConfig(PreTrainedConfig):
             self.vision_config = HfClipVisionConfig()
         elif isinstance(self.vision_config, dict):
             self.vision_config = HfClipVisionConfig(**_foreign_keys_removed(self.vision_config))
+        # A transformers `CLIPConfig` dict says model_type "clip"; kept, it would shadow the class attribute.
+        kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
 
 
