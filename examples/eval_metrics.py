@@ -167,7 +167,8 @@ def linear_probe(
     """The paper's linear probe: logistic regression on frozen features, L2 strength chosen on a held-out split.
 
     A random `validation_fraction` of the training set picks the weight decay from `grid` (default: the paper's
-    range 10^-6 … 10^6, one value per half-decade); the probe is then refitted on train + validation with it and scored on test once.
+    range 10^-6 … 10^6, one value per half-decade); the probe is then refitted on train + validation with it and
+    scored on test once.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}.")
