@@ -45,6 +45,11 @@ class HfClipResNetStem(nn.Module):
         return self.avgpool(hidden_states)
 
 
+class HfClipResidualBatchNorm(nn.BatchNorm2d):
+    """The last BatchNorm of a bottleneck's residual branch. OpenAI initialises its weight to zero, so every block
+    starts as the identity; the type marks it for `_init_weights`."""
+
+
 class HfClipDownsample(nn.Module):
     """Shortcut projection: average pool (anti-aliased stride), then a stride-1 1x1 convolution and BatchNorm."""
 
@@ -70,7 +75,7 @@ class HfClipBottleneck(GradientCheckpointingLayer):
         self.bn2 = nn.BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, out_channels, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.bn3 = HfClipResidualBatchNorm(out_channels)
         self.act = nn.ReLU()
         needs_projection = stride > 1 or in_channels != out_channels
         self.downsample = HfClipDownsample(in_channels, out_channels, stride) if needs_projection else None
@@ -176,29 +181,30 @@ class HfClipResNetModel(HfClipPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # OpenAI (DESIGN §9): convolutions keep PyTorch's default init, BatchNorm starts as identity except the last
-        # one of each bottleneck, which starts at zero so every residual branch begins as the identity.
+        # transformers calls this only for modules that hold parameters themselves (for custom-code models it skips
+        # containers), so every rule is stated on a leaf module. OpenAI's init (DESIGN §9): convolutions keep PyTorch's
+        # default, BatchNorm starts as the identity except each bottleneck's last one (zero), and the attention pool's
+        # projections, its only Linears, all take width·32 inputs: weights std in_features^-0.5, biases PyTorch's.
         super()._init_weights(module)
+        factor = self.config.initializer_factor
         if isinstance(module, nn.Conv2d):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-        elif isinstance(module, HfClipResNetStem):
-            for batch_norm in (module.bn1, module.bn2, module.bn3):
-                _init_batch_norm(batch_norm, weight=1.0)
-        elif isinstance(module, HfClipDownsample):
-            _init_batch_norm(module.bn, weight=1.0)
-        elif isinstance(module, HfClipBottleneck):
-            _init_batch_norm(module.bn1, weight=1.0)
-            _init_batch_norm(module.bn2, weight=1.0)
-            _init_batch_norm(module.bn3, weight=0.0)
-        elif isinstance(module, HfClipAttentionPool):
-            factor = self.config.initializer_factor
-            init.normal_(module.position_embedding.weight, std=module.embed_dim**-0.5 * factor)
-            std = module.c_proj.in_features**-0.5 * factor
-            for projection in (module.q_proj, module.k_proj, module.v_proj, module.c_proj):
-                init.normal_(projection.weight, std=std)
-                # Biases keep PyTorch's default range, as in OpenAI's model.
-                bound = projection.in_features**-0.5
-                init.uniform_(projection.bias, -bound, bound)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.constant_(module.weight, 0.0 if isinstance(module, HfClipResidualBatchNorm) else 1.0)
+            init.zeros_(module.bias)
+            for name, buffer in module.named_buffers():
+                # running_var starts at 1; running_mean and num_batches_tracked at 0.
+                if name == "running_var":
+                    init.ones_(buffer)
+                else:
+                    init.zeros_(buffer)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
+            bound = module.in_features**-0.5
+            init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            # The attention pool's positions: open_clip's randn / embed_dim ** 0.5.
+            init.normal_(module.weight, std=module.embedding_dim**-0.5 * factor)
 
     def forward(
         self,
@@ -246,14 +252,3 @@ class HfClipResNetModel(HfClipPreTrainedModel):
             hidden_states=hidden_states_out,
             attentions=attentions,
         )
-
-
-def _init_batch_norm(batch_norm: nn.BatchNorm2d, weight: float) -> None:
-    init.constant_(batch_norm.weight, weight)
-    init.zeros_(batch_norm.bias)
-    for name, buffer in batch_norm.named_buffers():
-        # running_var starts at 1; running_mean and num_batches_tracked at 0.
-        if name == "running_var":
-            init.ones_(buffer)
-        else:
-            init.zeros_(buffer)
