@@ -1,10 +1,12 @@
 """CLIP's symmetric contrastive loss.
 
-Pure functions over a logits matrix; the distributed training loss (features gathered across ranks with gradients)
-builds on them.
+Pure functions over a logits matrix, and `ClipLoss`, the training loss that gathers features from every rank with
+gradients so that N processes train exactly as one process on the global batch.
 """
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 
@@ -22,3 +24,92 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     if logits_per_text.shape[0] < 2:
         raise ValueError("the contrastive loss needs a batch of at least 2 pairs (with 1 there are no negatives).")
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2
+
+
+def _distributed_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """Concatenate `features` of every rank in rank order (the local rows keep their gradient either way).
+
+    With `with_grad` the all-gather is autograd-aware: its backward sums, over ranks, the gradient each rank's loss
+    sends to this rank's rows (a reduce-scatter), so encoders also learn from being other ranks' negatives. Without
+    it the other ranks' rows are constants and that part of the gradient is lost.
+    """
+    rank, world_size = _distributed_world()
+    if world_size == 1:
+        return features
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(features), dim=0)
+    gathered = [torch.empty_like(features) for _ in range(world_size)]
+    dist.all_gather(gathered, features.detach().contiguous())
+    gathered[rank] = features
+    return torch.cat(gathered, dim=0)
+
+
+class ClipLoss(nn.Module):
+    """Symmetric contrastive loss over the global batch of all ranks.
+
+    Only `torch.distributed` is used (no process group: the plain single-process loss), so it runs unchanged under
+    accelerate, torchrun or one process.
+
+    Args:
+        local_loss: score only this rank's rows against the gathered columns, with labels offset by
+            `rank * local_batch` (memory O(local × global) instead of O(global²)). With `False` every rank scores
+            the whole global matrix. Both give the same gradients.
+        gather_with_grad: gather with an autograd all-gather. Keep it `True`: a detached gather drops the
+            gradient each rank's rows receive as negatives of the other ranks, so training no longer matches the
+            single-process run on the global batch (tests/test_loss.py shows the mismatch).
+
+    Scaling: with `local_loss=True` each rank returns its own share of the loss; the mean over ranks of the returned
+    values is the global-batch loss, and the mean over ranks of the gradients (what DDP, FSDP and
+    `accelerator.backward` do) is exactly the global-batch gradient. Do not rescale the loss by the world size;
+    average it over ranks only for logging (`accelerator.reduce(loss, "mean")`). Every rank must pass the same
+    local batch size (use `drop_last=True`); a mismatch raises.
+    """
+
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True):
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+
+    def forward(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
+    ) -> torch.Tensor:
+        """Loss of L2-normalised `image_embeds` and `text_embeds` (local batch × dim, row i of each a pair).
+
+        `logit_scale` is the multiplier itself, `exp(clamped logit_scale parameter)` (as `HfClipModel` computes it in
+        `scaled_logits`), not the raw log-scale parameter.
+        """
+        if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+            raise ValueError(
+                f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be "
+                "matching (local batch, dim) matrices."
+            )
+        rank, world_size = _distributed_world()
+        local_batch = image_embeds.shape[0]
+        if world_size > 1:
+            _check_equal_batches(local_batch, world_size, image_embeds.device)
+        if local_batch * world_size < 2:
+            raise ValueError("the contrastive loss needs a global batch of at least 2 pairs (1 has no negatives).")
+
+        all_image = gather_features(image_embeds, self.gather_with_grad)
+        all_text = gather_features(text_embeds, self.gather_with_grad)
+        if not self.local_loss:
+            return clip_loss(logit_scale * all_text @ all_image.t())
+        labels = torch.arange(local_batch, device=image_embeds.device) + rank * local_batch
+        logits_per_text = logit_scale * text_embeds @ all_image.t()
+        logits_per_image = logit_scale * image_embeds @ all_text.t()
+        return (contrastive_loss(logits_per_text, labels) + contrastive_loss(logits_per_image, labels)) / 2
+
+
+def _check_equal_batches(local_batch: int, world_size: int, device: torch.device) -> None:
+    # One tiny collective: a clear error instead of a hang or silently wrong labels on a short last batch.
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([local_batch], device=device))
+    sizes_list = [int(size) for size in sizes]
+    if len(set(sizes_list)) != 1:
+        raise ValueError(f"ClipLoss needs the same local batch size on every rank, got {sizes_list} (use drop_last).")

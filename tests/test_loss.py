@@ -1,0 +1,145 @@
+"""ClipLoss: N gloo processes give exactly the single-process loss and gradients on the concatenated batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from hf_clip import ClipLoss, clip_loss
+
+LOCAL_BATCH = 3
+IN_DIM = 8
+EMBED_DIM = 6
+
+
+class TinyTowers(nn.Module):
+    """Two projections and a learnable log-scale: enough to check every gradient path of the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = nn.Linear(IN_DIM, EMBED_DIM)
+        self.text = nn.Linear(IN_DIM, EMBED_DIM)
+        self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image_embeds = nn.functional.normalize(self.image(images), dim=-1)
+        text_embeds = nn.functional.normalize(self.text(texts), dim=-1)
+        return image_embeds, text_embeds, self.logit_scale.exp()
+
+
+def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (world_size * LOCAL_BATCH, IN_DIM)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+def make_model() -> TinyTowers:
+    torch.manual_seed(1)
+    return TinyTowers()
+
+
+def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
+
+
+def single_process_reference(world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = make_model()
+    images, texts = global_batch(world_size)
+    image_embeds, text_embeds, scale = model(images, texts)
+    loss = clip_loss(scale * text_embeds @ image_embeds.t())
+    loss.backward()
+    return loss.detach(), gradients(model)
+
+
+VARIANTS = {
+    "local": {"local_loss": True, "gather_with_grad": True},
+    "global": {"local_loss": False, "gather_with_grad": True},
+    "detached": {"local_loss": True, "gather_with_grad": False},
+}
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        images, texts = global_batch(world_size)
+        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+        results = {}
+        for name, kwargs in VARIANTS.items():
+            # DDP averages gradients over ranks, exactly as accelerate's prepared model does.
+            model = nn.parallel.DistributedDataParallel(make_model())
+            loss = ClipLoss(**kwargs)(*model(images[rows], texts[rows]))
+            loss.backward()
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            results[name] = (mean_loss / world_size, gradients(model.module))
+        try:
+            ClipLoss()(*model(images[: LOCAL_BATCH + rank], texts[: LOCAL_BATCH + rank]))
+        except ValueError as error:
+            results["uneven_error"] = str(error)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}procs")
+def distributed_results(request, tmp_path_factory) -> tuple[int, list[dict]]:
+    world_size = request.param
+    out_dir = tmp_path_factory.mktemp(f"clip_loss_{world_size}")
+    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
+    return world_size, [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
+
+
+@pytest.mark.parametrize("variant", ["local", "global"])
+def test_gathered_loss_equals_single_process(distributed_results, variant):
+    world_size, results = distributed_results
+    reference_loss, reference_grads = single_process_reference(world_size)
+    for rank_results in results:
+        loss, grads = rank_results[variant]
+        torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=0)
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_detached_gather_loses_the_negatives_gradient(distributed_results):
+    world_size, results = distributed_results
+    reference_loss, reference_grads = single_process_reference(world_size)
+    loss, grads = results[0]["detached"]
+    # The forward value is the same; the encoders' gradients are not (logit_scale's still is).
+    torch.testing.assert_close(loss, reference_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads["logit_scale"], reference_grads["logit_scale"], atol=1e-6, rtol=0)
+    for name in ("image.weight", "text.weight"):
+        assert (grads[name] - reference_grads[name]).abs().max() > 1e-3, name
+
+
+def test_uneven_local_batches_raise(distributed_results):
+    _, results = distributed_results
+    assert all("same local batch size" in rank_results["uneven_error"] for rank_results in results)
+
+
+def test_single_process_without_process_group_is_clip_loss():
+    model = make_model()
+    images, texts = global_batch(2)
+    image_embeds, text_embeds, scale = model(images, texts)
+    expected = clip_loss(scale * text_embeds @ image_embeds.t())
+    for kwargs in VARIANTS.values():
+        torch.testing.assert_close(ClipLoss(**kwargs)(image_embeds, text_embeds, scale), expected, atol=1e-7, rtol=0)
+
+
+def test_rejects_bad_inputs():
+    embeds = nn.functional.normalize(torch.randn(1, EMBED_DIM), dim=-1)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        ClipLoss()(embeds, embeds, 10.0)
+    with pytest.raises(ValueError, match="matching"):
+        ClipLoss()(torch.randn(2, 4), torch.randn(3, 4), 10.0)
