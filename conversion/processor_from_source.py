@@ -1,0 +1,100 @@
+"""Build the `HfClipProcessor` of a converted checkpoint from what the source ships.
+
+The tokenizer comes from the source's vocabulary: OpenAI's `bpe_simple_vocab_16e6.txt.gz` (the copy in open_clip's
+or clip's package by default), or a folder's `vocab.json` + `merges.txt` (transformers and open_clip Hub folders).
+The image processor comes from the source's preprocessing: resolution from the model, mean/std/interpolation from
+the source's config. Every tokenizer is checked against the model config: same vocabulary size and BOS/EOS ids.
+"""
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipProcessor, HfClipTokenizer
+
+from .checks import sub_configs
+
+INTERPOLATIONS = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
+
+
+def clip_image_processor(
+    image_size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    resample: PILImageResampling = PILImageResampling.BICUBIC,
+) -> HfClipImageProcessor:
+    """Resize the shortest side to `image_size`, centre-crop a square of it, normalise with `mean`/`std`."""
+    return HfClipImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+        resample=resample,
+    )
+
+
+def tokenizer_from_vocab_files(folder: str | Path) -> HfClipTokenizer:
+    """An `HfClipTokenizer` from a CLIP `vocab.json` + `merges.txt` (the files transformers' CLIPTokenizer saves)."""
+    folder = Path(folder)
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab_path.is_file() and merges_path.is_file()):
+        raise FileNotFoundError(f"{folder} has no vocab.json + merges.txt to build the tokenizer from.")
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    merges = [_merge_pair(line) for line in lines if line and not line.startswith("#version")]
+    return HfClipTokenizer(vocab=vocab, merges=merges)
+
+
+def _merge_pair(line: str) -> tuple[str, str]:
+    left, right = line.split()
+    return left, right
+
+
+def check_tokenizer(tokenizer: HfClipTokenizer, config: HfClipConfig) -> HfClipTokenizer:
+    """The tokenizer must produce ids the text tower was trained on; its context is the model's."""
+    text_config = sub_configs(config)[0]
+    found = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    wanted = (text_config.vocab_size, text_config.bos_token_id, text_config.eos_token_id)
+    if found != wanted:
+        raise ValueError(
+            f"tokenizer (vocabulary {found[0]}, BOS {found[1]}, EOS {found[2]}) does not fit the model (vocabulary "
+            f"{wanted[0]}, BOS {wanted[1]}, EOS {wanted[2]}): pass the vocabulary this checkpoint was trained with."
+        )
+    tokenizer.model_max_length = text_config.max_position_embeddings
+    return tokenizer
+
+
+def openai_processor(config: HfClipConfig, bpe_path: str | Path | None = None) -> HfClipProcessor:
+    """OpenAI's preprocessing at the model's resolution and OpenAI's BPE vocabulary."""
+    tokenizer = check_tokenizer(HfClipTokenizer.from_clip_bpe(bpe_path), config)
+    return HfClipProcessor(
+        image_processor=clip_image_processor(sub_configs(config)[1].image_size), tokenizer=tokenizer
+    )
+
+
+def open_clip_processor(
+    config: HfClipConfig,
+    preprocess_cfg: dict[str, Any] | None = None,
+    folder: str | Path | None = None,
+    bpe_path: str | Path | None = None,
+) -> HfClipProcessor:
+    """open_clip's preprocessing (`preprocess_cfg` of `open_clip_config.json`) and the folder's vocabulary, if any."""
+    preprocess_cfg = preprocess_cfg or {}
+    resize_mode = preprocess_cfg.get("resize_mode", "shortest")
+    if resize_mode != "shortest":
+        raise ValueError(f"open_clip resize_mode {resize_mode!r} is not CLIP's shortest-side resize + centre crop.")
+    interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"open_clip interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}.")
+    image_processor = clip_image_processor(
+        sub_configs(config)[1].image_size,
+        mean=preprocess_cfg.get("mean", OPENAI_CLIP_MEAN),
+        std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
+        resample=INTERPOLATIONS[interpolation],
+    )
+    has_vocab = folder is not None and (Path(folder) / "vocab.json").is_file()
+    tokenizer = tokenizer_from_vocab_files(folder) if has_vocab else HfClipTokenizer.from_clip_bpe(bpe_path)  # type: ignore[arg-type]
+    return HfClipProcessor(image_processor=image_processor, tokenizer=check_tokenizer(tokenizer, config))
