@@ -1,9 +1,17 @@
 """hf_clip: CLIP (Radford et al., 2021) as a native transformers package."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    AutoTokenizer,
+)
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+from .image_processing_hf_clip import HfClipImageProcessor
 from .loss import ClipLoss, clip_loss, contrastive_loss
 from .modeling_hf_clip import (
     HfClipModel,
@@ -16,18 +24,23 @@ from .modeling_layers import HfClipPreTrainedModel
 from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
 from .pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK, ZeroShotEnsembleImageClassificationPipeline
+from .processing_hf_clip import HfClipProcessor
+from .tokenization_hf_clip import HfClipTokenizer, train_clip_bpe
 from .zero_shot import ZeroShotClassifier, build_class_embeddings
 
 __all__ = [
     "ClipLoss",
     "HfClipConfig",
+    "HfClipImageProcessor",
     "HfClipModel",
     "HfClipOutput",
     "HfClipPreTrainedModel",
+    "HfClipProcessor",
     "HfClipResNetModel",
     "HfClipTextConfig",
     "HfClipTextModel",
     "HfClipTextModelWithProjection",
+    "HfClipTokenizer",
     "HfClipVisionConfig",
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
@@ -36,6 +49,7 @@ __all__ = [
     "build_class_embeddings",
     "clip_loss",
     "contrastive_loss",
+    "train_clip_bpe",
 ]
 
 AutoConfig.register(HfClipConfig.model_type, HfClipConfig)
@@ -45,6 +59,12 @@ AutoModel.register(HfClipConfig, HfClipModel)
 AutoModel.register(HfClipTextConfig, HfClipTextModel)
 AutoModel.register(HfClipVisionConfig, HfClipVisionModel)
 AutoModelForZeroShotImageClassification.register(HfClipConfig, HfClipModel)
+AutoTokenizer.register(HfClipConfig, tokenizer_class=HfClipTokenizer)
+# The PIL class for every backend name: a saved processor never switches to torchvision (different resize numerics).
+AutoImageProcessor.register(
+    HfClipConfig, image_processor_classes={"pil": HfClipImageProcessor, "torchvision": HfClipImageProcessor}
+)
+AutoProcessor.register(HfClipConfig, HfClipProcessor)
 PIPELINE_REGISTRY.register_pipeline(
     ZERO_SHOT_ENSEMBLE_TASK,
     pipeline_class=ZeroShotEnsembleImageClassificationPipeline,
