@@ -13,13 +13,13 @@ from torch import nn
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the `k` highest logits (k capped at the number of classes)."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    return (top == labels[:, None]).any(dim=1).double().mean().item()
 
 
 def mean_per_class_recall(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over the classes present in `labels` of the fraction of their samples predicted correctly."""
     classes, inverse = labels.unique(return_inverse=True)
-    correct = torch.zeros(len(classes)).index_add_(0, inverse, (predictions == labels).float())
+    correct = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, (predictions == labels).double())
     return (correct / torch.bincount(inverse, minlength=len(classes))).mean().item()
 
 
@@ -96,12 +96,21 @@ def retrieval_recall_at_k(
 
 
 def fit_logistic_regression(
-    features: torch.Tensor, labels: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int = 1000
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int = 1000,
+    init: nn.Linear | None = None,
 ) -> nn.Linear:
-    """Multinomial logistic regression by full-batch L-BFGS: minimises mean cross-entropy + weight_decay · ‖W‖²."""
+    """Multinomial logistic regression by full-batch L-BFGS: minimises mean cross-entropy + weight_decay · ‖W‖².
+
+    Starts from zeros, or from `init` (a warm start: the objective is strictly convex, so only the time changes).
+    """
     classifier = nn.Linear(features.shape[1], num_classes).to(features.device, features.dtype)
-    nn.init.zeros_(classifier.weight)
-    nn.init.zeros_(classifier.bias)
+    with torch.no_grad():
+        classifier.weight.copy_(init.weight if init is not None else torch.zeros_like(classifier.weight))
+        classifier.bias.copy_(init.bias if init is not None else torch.zeros_like(classifier.bias))
     optimizer = torch.optim.LBFGS(
         classifier.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
     )
@@ -120,7 +129,7 @@ def fit_logistic_regression(
 
 def _accuracy(classifier: nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> float:
     with torch.no_grad():
-        return (classifier(features).argmax(dim=1) == labels).float().mean().item()
+        return (classifier(features).argmax(dim=1) == labels).double().mean().item()
 
 
 def select_weight_decay(
@@ -134,11 +143,13 @@ def select_weight_decay(
 ) -> tuple[float, dict[float, float]]:
     """Fits one probe per weight decay in `grid` on train and scores it on validation; ties go to the larger decay.
 
-    Returns the chosen weight decay and every validation accuracy. It never sees test data.
+    Returns the chosen weight decay and every validation accuracy. It never sees test data. The grid is walked from
+    strong to weak decay, each fit warm-started from the previous solution (a regularisation path).
     """
     accuracies = {}
-    for weight_decay in grid:
-        probe = fit_logistic_regression(train_features, train_labels, num_classes, weight_decay, max_iter)
+    probe = None
+    for weight_decay in sorted(grid, reverse=True):
+        probe = fit_logistic_regression(train_features, train_labels, num_classes, weight_decay, max_iter, probe)
         accuracies[weight_decay] = _accuracy(probe, validation_features, validation_labels)
     best = max(accuracies.items(), key=lambda item: (item[1], item[0]))[0]
     return best, accuracies

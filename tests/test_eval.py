@@ -1,22 +1,48 @@
 """Evaluation: retrieval recall@k against a brute-force reference, linear probe, and the eval script end to end."""
 
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
+from datasets import ClassLabel, Dataset, Features, Image, Value
+from PIL import Image as PILImage
+from test_zero_shot import tiny_clip_tokenizer, tiny_image_processor, tiny_models
+from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from hf_clip import HfClipModel, ZeroShotClassifier
 
-from eval_metrics import (
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from eval_metrics import (  # noqa: E402
     linear_probe,
     mean_per_class_recall,
     retrieval_recall_at_k,
     select_weight_decay,
     top_k_accuracy,
 )
+from zero_shot_eval import EvalConfig, clip_benchmark_list, evaluate_model, gather_in_order  # noqa: E402
 
 KS = (1, 5, 10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a shared CPU, intra-op threads only add synchronisation (L-BFGS slows 40×)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def brute_force_recall(image_embeds, text_embeds, text_to_image, ks=KS):
@@ -142,3 +168,185 @@ def test_weight_decay_selection_follows_the_validation_split():
     chosen_majority, accuracies = select_weight_decay(train_x, train_y, val_x, torch.zeros_like(val_y), 2, grid, 200)
     assert (chosen_true, chosen_majority) == (1e-4, 1e2)
     assert accuracies == {1e-4: 0.5, 1e2: 1.0}
+
+
+# --- the evaluation script end to end ---------------------------------------------------------------------------
+
+CLASSES = ["cat", "dog", "car"]
+TEST_LABELS = [0, 1, 2, 0, 1, 2, 0]  # 7 samples: not divisible by 2 processes or the batch size of 2
+TRAIN_LABELS = [0, 1, 2] * 4
+CAPTION_COUNTS = [1, 2, 1, 2, 2, 1, 2]  # 11 captions over the 7 test images
+
+
+def make_image(label, index):
+    rng = np.random.default_rng(100 * label + index)
+    color = np.array([[200, 30, 30], [30, 200, 30], [30, 30, 200]][label])
+    pixels = np.clip(color + rng.integers(-60, 60, (36, 36, 3)), 0, 255).astype(np.uint8)
+    return PILImage.fromarray(pixels)
+
+
+def captions_for(index, label):
+    return [f"{CLASSES[label]} number {index}", f"a {CLASSES[label]}"][: CAPTION_COUNTS[index]]
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    model, _ = tiny_models()
+    model.save_pretrained(root / "model")
+    tiny_clip_tokenizer().save_pretrained(root / "model")
+    tiny_image_processor().save_pretrained(root / "model")
+    (root / "templates.txt").write_text("a photo of a {c}.\na {c}.\nart of the {c}.\n")
+    for split, labels in (("train", TRAIN_LABELS), ("test", TEST_LABELS)):
+        rows = {"image": [], "label": [], "caption": []}
+        for index, label in enumerate(labels):
+            image = make_image(label, index + (1000 if split == "train" else 0))
+            (root / "folder" / split / CLASSES[label]).mkdir(parents=True, exist_ok=True)
+            image.save(root / "folder" / split / CLASSES[label] / f"{index}.png")
+            rows["image"].append(image)
+            rows["label"].append(label)
+            rows["caption"].append(captions_for(index, label) if split == "test" else [CLASSES[label]])
+        features = Features({"image": Image(), "label": ClassLabel(names=CLASSES), "caption": [Value("string")]})
+        Dataset.from_dict(rows, features=features).to_parquet(str(root / f"{split}.parquet"))
+    with tarfile.open(root / "test-000000.tar", "w") as tar:
+        for index, label in enumerate(TEST_LABELS):
+            image_bytes = io.BytesIO()
+            make_image(label, index).save(image_bytes, format="PNG")
+            members = {
+                "png": image_bytes.getvalue(),
+                "cls": str(label).encode(),
+                "txt": f"a {CLASSES[label]}".encode(),
+            }
+            for extension, payload in members.items():
+                info = tarfile.TarInfo(f"{index:04d}.{extension}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return root
+
+
+def reference_zero_shot(root, templates):
+    """Zero-shot top-1 computed directly: no datasets, dataloader or accelerate."""
+    model = HfClipModel.from_pretrained(root / "model").eval()
+    images = [make_image(label, index) for index, label in enumerate(TEST_LABELS)]
+    pixel_values = tiny_image_processor()(images=images, return_tensors="pt")["pixel_values"]
+    classifier = ZeroShotClassifier.from_model(model, tiny_clip_tokenizer(), CLASSES, templates)
+    predictions = classifier.classify(model, pixel_values).argmax(dim=1)
+    return (predictions == torch.tensor(TEST_LABELS)).float().mean().item()
+
+
+def test_imagefolder_zero_shot_and_linear_probe_single_process(eval_setup):
+    config = EvalConfig(
+        model=str(eval_setup / "model"),
+        data_format="imagefolder",
+        data_dir=str(eval_setup / "folder"),
+        tasks=["zero_shot", "linear_probe"],
+        templates_file=str(eval_setup / "templates.txt"),
+        batch_size=2,
+        probe_max_iter=100,
+    )
+    results = evaluate_model(config, Accelerator(cpu=True))
+    assert results["dataset"]["num_samples"] == 7
+    zero_shot = results["zero_shot"]
+    assert zero_shot["num_classes"] == 3  # class names from the folder names
+    templates = ["a photo of a {c}.", "a {c}.", "art of the {c}."]
+    assert zero_shot["ensemble"]["templates"] == templates
+    assert zero_shot["single"]["top1"] == pytest.approx(reference_zero_shot(eval_setup, ["a photo of a {c}."]))
+    assert zero_shot["ensemble"]["top1"] == pytest.approx(reference_zero_shot(eval_setup, templates))
+    assert zero_shot["ensemble"]["top5"] == 1.0  # 3 classes
+    probe = results["linear_probe"]
+    assert (probe["train_samples"] + probe["validation_samples"], probe["test_samples"]) == (12, 7)
+    assert probe["test_accuracy"] == 1.0  # the classes are distinct colours: separable even through random features
+
+
+def test_webdataset_zero_shot_and_retrieval(eval_setup):
+    config = EvalConfig(
+        model=str(eval_setup / "model"),
+        data_format="webdataset",
+        data_files=[f"test={eval_setup / 'test-000000.tar'}"],
+        tasks=["zero_shot", "retrieval"],
+        classnames_file=None,
+        template_mode="single",
+        batch_size=3,
+    )
+    with pytest.raises(ValueError, match="No class names"):
+        evaluate_model(config, Accelerator(cpu=True))
+    (eval_setup / "classes.json").write_text(json.dumps(CLASSES))
+    config.classnames_file = str(eval_setup / "classes.json")
+    results = evaluate_model(config, Accelerator(cpu=True))
+    assert results["zero_shot"]["single"]["top1"] == pytest.approx(
+        reference_zero_shot(eval_setup, ["a photo of a {c}."])
+    )
+    assert "ensemble" not in results["zero_shot"]
+    assert (results["retrieval"]["num_images"], results["retrieval"]["num_texts"]) == (7, 7)
+
+
+def test_clip_benchmark_lists_are_read_from_the_installed_package():
+    path = Path(importlib.util.find_spec("clip_benchmark").origin).parent / "datasets"
+    published = json.loads((path / "en_zeroshot_classification_templates.json").read_text())
+    assert clip_benchmark_list("en_zeroshot_classification_templates.json", "imagenet1k") == published["imagenet1k"]
+    assert len(published["imagenet1k"]) == 80
+    classnames = json.loads((path / "en_classnames.json").read_text())["imagenet1k"]
+    assert clip_benchmark_list("en_classnames.json", "imagenet1k") == classnames and len(classnames) == 1000
+    with pytest.raises(ValueError, match="'no-such-dataset' is not among"):
+        clip_benchmark_list("en_classnames.json", "no-such-dataset")
+
+
+def test_two_processes_return_exactly_the_dataset(eval_setup, tmp_path):
+    args = [
+        "--model", str(eval_setup / "model"), "--data_format", "parquet",
+        "--data_files", f"train={eval_setup / 'train.parquet'}", f"test={eval_setup / 'test.parquet'}",
+        "--tasks", "zero_shot", "retrieval", "linear_probe", "--templates_file", str(eval_setup / "templates.txt"),
+        "--batch_size", "2", "--probe_max_iter", "100",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(free_port()), str(EXAMPLES / "zero_shot_eval.py")]
+    output_file = tmp_path / "results.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        [*launch, *args, "--output_file", str(output_file)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    distributed = json.loads(output_file.read_text())
+    assert "_timestamp" in distributed and "_evaluate_version" in distributed  # written through evaluate.save
+
+    parsed = HfArgumentParser(EvalConfig).parse_args_into_dataclasses([*args, "--output_file", "unused"])[0]
+    single = evaluate_model(parsed, Accelerator(cpu=True))
+    assert (distributed["num_processes"], single["num_processes"]) == (2, 1)
+    # 7 samples in batches of 2 over 2 ranks: accelerate pads the last step; gather_for_metrics drops the padding.
+    assert distributed["dataset"]["num_samples"] == single["dataset"]["num_samples"] == 7
+    assert (distributed["retrieval"]["num_images"], distributed["retrieval"]["num_texts"]) == (7, 11)
+    assert distributed["linear_probe"]["test_samples"] == 7
+    for section in ("zero_shot", "retrieval", "linear_probe"):
+        assert_nested_close(distributed[section], single[section])
+
+
+def assert_nested_close(actual, expected):
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys()
+        for key in expected:
+            assert_nested_close(actual[key], expected[key])
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected)
+        for a, e in zip(actual, expected, strict=True):
+            assert_nested_close(a, e)
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, abs=1e-6)
+    else:
+        assert actual == expected
+
+
+def test_gathering_rejects_duplicates_and_losses():
+    batches = [{"index": torch.tensor([2, 0]), "embeds": torch.tensor([2.0, 0.0])}, {"index": torch.tensor([1])}]
+    batches[1]["embeds"] = torch.tensor([1.0])
+    assert torch.equal(gather_in_order(batches, 3)["embeds"], torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(RuntimeError, match="duplicates or losses"):
+        gather_in_order([*batches, {"index": torch.tensor([0]), "embeds": torch.tensor([0.0])}], 3)
+    with pytest.raises(RuntimeError, match="duplicates or losses"):
+        gather_in_order(batches, 4)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
