@@ -157,6 +157,14 @@ class HfClipPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats every model outside its own namespace as custom code and then skips `_init_weights` for
+        # modules without parameters of their own (HfClipAttention, HfClipMLP), leaving PyTorch's default init. That
+        # shortcut guards remote code that writes tensors in place; ours writes only through
+        # `transformers.initialization`, which already leaves loaded weights alone.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         factor = self.config.initializer_factor
