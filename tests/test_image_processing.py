@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -178,6 +179,15 @@ def test_encoded_bytes_and_paths_are_accepted(processor, tmp_path):
     expected = pixels(processor, image)
     assert torch.equal(pixels(processor, encoded.getvalue()), expected)
     assert torch.equal(pixels(processor, str(tmp_path / "image.png")), expected)
+
+
+def test_arrays_tensors_and_pickled_copies_match_pil(processor):
+    image = noise_image(300, 240)
+    values = np.array(image)
+    expected = pixels(processor, image)
+    assert torch.equal(pixels(processor, values), expected)  # HWC uint8
+    assert torch.equal(pixels(processor, torch.from_numpy(values).permute(2, 0, 1)), expected)  # CHW uint8
+    assert torch.equal(pixels(pickle.loads(pickle.dumps(processor)), image), expected)  # DataLoader workers
 
 
 def test_random_crop_for_training(processor):

@@ -1,6 +1,7 @@
 """HfClipTokenizer against OpenAI's tokenizer as open_clip ships it (a required reference: no skip when missing)."""
 
 import json
+import pickle
 import unicodedata
 
 import pytest
@@ -118,6 +119,11 @@ def test_save_load_round_trip(tokenizer, tmp_path):
     assert len(reloaded) == 49408 and reloaded.model_max_length == CONTEXT
     corpus = build_corpus(seed=1, size=200)
     assert reloaded(corpus, truncation=True)["input_ids"] == tokenizer(corpus, truncation=True)["input_ids"]
+
+
+def test_pickled_copy_tokenizes_the_same(tokenizer):
+    corpus = build_corpus(seed=2, size=50)
+    assert pickle.loads(pickle.dumps(tokenizer))(corpus)["input_ids"] == tokenizer(corpus)["input_ids"]
 
 
 def test_folder_without_vocabulary_raises(tmp_path):
