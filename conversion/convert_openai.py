@@ -177,7 +177,9 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repo-id", help="Hub repository ORG/NAME for --push")
     parser.add_argument("--license", default="mit", help="license of the weights for the model card")
     parser.add_argument("--base-model", help="Hub id of the checkpoint these weights come from, for the model card")
-    parser.add_argument("--eval-results", type=Path, help="results JSON written by examples/zero_shot_eval.py")
+    parser.add_argument(
+        "--eval-results", type=Path, nargs="*", default=[], help="results JSON files of examples/zero_shot_eval.py"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         architecture=architecture,
         source=f"OpenAI checkpoint {args.source.name}",
         license=args.license,
-        eval_results_path=args.eval_results,
+        eval_results_paths=args.eval_results,
         parity=differences,
         repo_id=args.repo_id,
         push=args.push,

@@ -138,7 +138,8 @@ def to_transformers_processor(processor: Any) -> CLIPProcessor:
     CLIPImageProcessor floors the centre-crop offset; both are documented in DESIGN §5.
     """
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    clip_tokenizer = CLIPTokenizer(vocab=tokenizer.get_vocab(), merges=_merges(tokenizer))
+    # transformers annotates `merges` as list[str], but its tokenizers BPE backend only accepts (left, right) pairs.
+    clip_tokenizer = CLIPTokenizer(vocab=tokenizer.get_vocab(), merges=_merges(tokenizer))  # type: ignore[arg-type]
     clip_tokenizer.model_max_length = tokenizer.model_max_length
     if len(clip_tokenizer) != len(tokenizer):
         raise ValueError(f"the exported tokenizer has {len(clip_tokenizer)} tokens, the source {len(tokenizer)}.")
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         license=args.license,
         architecture=published_architecture(model.config),
         base_model=args.base_model,
-        eval_results_path=args.eval_results,
+        eval_results_paths=args.eval_results,
         parity=differences,
         repo_id=args.repo_id,
         push=args.push,

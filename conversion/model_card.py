@@ -1,12 +1,13 @@
 """Render `MODEL_CARD.md` into a checkpoint's README.md with `huggingface_hub.ModelCard`.
 
 Every value comes from the objects being published (config, parameter count, processor settings, measured parity)
-or from the results JSON the evaluation script writes; nothing is typed in. Results file schema (one object or a
-list of them):
+or from results files written by `examples/zero_shot_eval.py` (via `evaluate.save`); nothing is typed in. The parts
+of that schema read here:
 
-    {"dataset": {"name": "ImageNet-1k", "type": "imagenet-1k", "split": "validation"},  # or just the name
-     "task": "zero-shot-image-classification",                                         # optional
-     "metrics": {"top1": 0.6332, "top5": 0.8883}}
+    {"dataset": {"name": "cifar10", "split": "test", ...},
+     "zero_shot": {"single": {"top1": ..., "top5": ..., "mean_per_class_recall": ...}, "ensemble": {...}},
+     "retrieval": {"image_to_text_recall@1": ..., "text_to_image_recall@5": ..., ...},
+     "linear_probe": {"test_accuracy": ...}}
 
 A template variable left without a value is an error, never an empty string in the card.
 """
@@ -29,32 +30,48 @@ TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 PIPELINE_TAG = "zero-shot-image-classification"
 LIBRARY_NAME = "transformers"
 BASE_TAGS = ("clip", "hf_clip", "zero-shot-image-classification", "image-text-retrieval")
-DEFAULT_TASK = "zero-shot-image-classification"
+ZERO_SHOT_METRICS = ("top1", "top5", "mean_per_class_recall")
 
 
-def load_eval_results(path: str | Path, model_name: str) -> list[EvalResult]:
-    """`EvalResult`s from a results JSON written by the evaluation scripts (schema in the module docstring)."""
-    records = json.loads(Path(path).read_text(encoding="utf-8"))
-    records = records if isinstance(records, list) else [records]
+def _eval_result(task: str, dataset: Mapping[str, Any], metric: str, value: Any, source: Path) -> EvalResult:
+    if not isinstance(value, (int, float)):
+        raise ValueError(f"{source}: {task} metric {metric!r} must be a number, got {value!r}")
+    return EvalResult(
+        task_type=task,
+        dataset_type=str(dataset["name"]),
+        dataset_name=str(dataset["name"]),
+        dataset_split=dataset.get("split"),
+        metric_type=metric,
+        metric_name=metric,
+        metric_value=value,
+    )
+
+
+def load_eval_results(paths: Sequence[str | Path]) -> list[EvalResult]:
+    """`EvalResult`s from results files of `examples/zero_shot_eval.py` (schema in the module docstring)."""
     results = []
-    for record in records:
-        if not isinstance(record, dict) or "dataset" not in record or not record.get("metrics"):
-            raise ValueError(f"{path}: each result needs 'dataset' and a non-empty 'metrics' object, got {record!r}")
-        dataset = record["dataset"] if isinstance(record["dataset"], dict) else {"name": record["dataset"]}
-        for metric, value in record["metrics"].items():
-            if not isinstance(value, (int, float)):
-                raise ValueError(f"{path}: metric {metric!r} must be a number, got {value!r}")
-            results.append(
-                EvalResult(
-                    task_type=record.get("task", DEFAULT_TASK),
-                    dataset_type=str(dataset.get("type", dataset["name"])),
-                    dataset_name=dataset["name"],
-                    dataset_split=dataset.get("split"),
-                    metric_type=metric,
-                    metric_name=metric,
-                    metric_value=value,
-                )
-            )
+    for path in map(Path, paths):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        dataset = record.get("dataset") or {}
+        if not dataset.get("name"):
+            raise ValueError(f"{path}: the results name no dataset (run the evaluation with --dataset_name).")
+        found = []
+        for mode, scores in (record.get("zero_shot") or {}).items():
+            if isinstance(scores, dict):
+                found += [
+                    _eval_result(PIPELINE_TAG, dataset, f"zero-shot {metric} ({mode} template)", scores[metric], path)
+                    for metric in ZERO_SHOT_METRICS
+                    if metric in scores
+                ]
+        for metric, value in (record.get("retrieval") or {}).items():
+            if "recall@" in metric:
+                found.append(_eval_result("image-text-retrieval", dataset, metric, value, path))
+        if "linear_probe" in record:
+            accuracy = record["linear_probe"]["test_accuracy"]
+            found.append(_eval_result("image-classification", dataset, "linear-probe accuracy", accuracy, path))
+        if not found:
+            raise ValueError(f"{path} holds no zero-shot, retrieval or linear-probe results.")
+        results += found
     return results
 
 

@@ -9,6 +9,7 @@ one; `HfApi.upload_folder` sends exactly the folder's files, README.md included.
 
 import argparse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,13 @@ from .model_card import load_eval_results, render_model_card
 from .remote_code import remote_code_registration
 
 README_NAME = "README.md"
+
+
+@dataclass
+class Published:
+    folder: Path
+    load_reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
 
 
 def save_folder(
@@ -82,19 +90,19 @@ def publish(
     architecture: str | None = None,
     base_model: str | None = None,
     datasets: Sequence[str] = (),
-    eval_results_path: str | Path | None = None,
+    eval_results_paths: Sequence[str | Path] = (),
     parity: Mapping[str, float] | None = None,
     repo_id: str | None = None,
     push: bool = False,
     remote_code: bool = False,
-) -> Path:
+) -> Published:
     """Save model, processor and rendered card; check the folder in a clean process; then upload or list it."""
     if push and not repo_id:
         raise ValueError("--push needs --repo-id ORG/NAME.")
     output_dir = Path(output_dir)
     name = repo_id or output_dir.resolve().name
     model_name = name.split("/")[-1]
-    eval_results = load_eval_results(eval_results_path, model_name) if eval_results_path else []
+    eval_results = load_eval_results(eval_results_paths)
     card = render_model_card(
         model,
         processor,
@@ -110,12 +118,13 @@ def publish(
         remote_code=remote_code,
     )
     save_folder(model, processor, output_dir, card, remote_code=remote_code)
+    published = Published(output_dir)
     for mode in ("hf_clip", "remote_code") if remote_code else ("hf_clip",):
-        report = check_folder_loads(output_dir, model, mode=mode, processor=processor)
-        print(f"clean-process load check ({mode}): {report['classes']}")
+        published.load_reports[mode] = check_folder_loads(output_dir, model, mode=mode, processor=processor)
+        print(f"clean-process load check ({mode}): {published.load_reports[mode]['classes']}")
     if repo_id:
-        upload(output_dir, repo_id, push=push)
-    return output_dir
+        published.files = upload(output_dir, repo_id, push=push)
+    return published
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.folder / README_NAME).is_file():
         raise SystemExit(f"{args.folder} has no {README_NAME}: write it with a converter (it renders the card).")
+    from transformers import AutoModel, AutoProcessor
+
+    # The folder as it will be served, loaded here as the reference the clean process must reproduce.
+    model = AutoModel.from_pretrained(args.folder)
+    processor = AutoProcessor.from_pretrained(args.folder)
+    mode = "remote_code" if any(args.folder.glob("modeling_*.py")) else "hf_clip"
+    report = check_folder_loads(args.folder, model, mode=mode, processor=processor)
+    print(f"clean-process load check ({mode}): {report['classes']}")
     upload(args.folder, args.repo_id, push=args.push, private=args.private)
 
 
