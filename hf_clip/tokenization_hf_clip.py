@@ -1,6 +1,6 @@
 """CLIP's byte-level BPE tokenizer on the `tokenizers` backend, with OpenAI's text cleaning.
 
-Token ids equal OpenAI's / open_clip's `SimpleTokenizer` for every string, except at padding positions:
+Token ids equal open_clip's `SimpleTokenizer` (OpenAI's tokenizer) except at padding positions:
 
 - Text cleaning is OpenAI's and runs in Python before the backend sees the text: `ftfy.fix_text`, `html.unescape`
   twice, whitespace collapsed, lower case. transformers' `CLIPTokenizer` does NFC + lower case instead, which
@@ -12,13 +12,19 @@ Token ids equal OpenAI's / open_clip's `SimpleTokenizer` for every string, excep
   first end-of-text token, so text features do not depend on the padding id. Pass `pad_token="!"` for OpenAI's
   padded ids exactly.
 - Truncation (`truncation=True`, at most `model_max_length=77`) keeps the end-of-text token last, as OpenAI does.
+
+Known residual differences, all outside real captions: code points assigned after Unicode 14 (the `regex` module
+and the tokenizers library's regex engine classify some of them differently), U+0345 (dropped by OpenAI's
+case-insensitive pattern), and open_clip's own special-token names `<start_of_text>` / `<end_of_text>`, which it
+parses as special tokens inside text.
 """
 
 import gzip
 import html
 import importlib.util
+import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +96,8 @@ def read_clip_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         lines = handle.read().split("\n")
     num_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
-    return [tuple(line.split()) for line in lines[1 : num_merges + 1]]  # type: ignore[misc]
+    pairs = (line.split() for line in lines[1 : num_merges + 1])
+    return [(left, right) for left, right in pairs]
 
 
 def _backend(vocab: dict[str, int], merges: list[tuple[str, str]], unk_token: str) -> Tokenizer:
@@ -204,6 +211,7 @@ def train_clip_bpe(
     if num_merges < 1:
         raise ValueError(f"vocab_size must exceed {2 * 256 + 2} (the byte alphabet and two special tokens).")
     alphabet = list(bytes_to_unicode().values())
+    # An empty model with CLIP's pipeline (its unknown token is never used: every byte is in the alphabet).
     backend = _backend({symbol: index for index, symbol in enumerate(alphabet)}, [], alphabet[0])
     trainer = BpeTrainer(
         # The trainer counts its own alphabet (at most 512 symbols) in vocab_size: this leaves room for num_merges.
@@ -213,22 +221,11 @@ def train_clip_bpe(
         initial_alphabet=alphabet,
         end_of_word_suffix=END_OF_WORD,
     )
-    backend.train_from_iterator(_cleaned_stream(texts), trainer=trainer)
-    trained = backend.model
-    # BPE merges are in rank order, so their first `num_merges` are exactly the model trained that far.
-    merges = [tuple(merge) for merge in _merges_of(trained)][:num_merges]
-    return HfClipTokenizer(vocab=build_clip_vocab(merges), merges=merges, model_max_length=model_max_length)  # type: ignore[arg-type]
-
-
-def _cleaned_stream(texts: Iterable[str]) -> Iterator[str]:
-    for text in texts:
-        yield _cleaned(text)
-
-
-def _merges_of(model: Any) -> list[list[str]]:
-    import json
-
-    return json.loads(Tokenizer(model).to_str())["model"]["merges"]
+    backend.train_from_iterator((_cleaned(text) for text in texts), trainer=trainer)
+    # Merges are in rank order, so the first `num_merges` are exactly the model trained that far.
+    trained_merges = json.loads(backend.to_str())["model"]["merges"]
+    merges: list[tuple[str, str]] = [(left, right) for left, right in trained_merges[:num_merges]]
+    return HfClipTokenizer(vocab=build_clip_vocab(merges), merges=merges, model_max_length=model_max_length)
 
 
 __all__ = ["HfClipTokenizer", "clean_text", "train_clip_bpe"]

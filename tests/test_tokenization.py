@@ -61,6 +61,13 @@ def test_ids_match_open_clip_on_hard_corpus(tokenizer, reference):
     assert (ours["input_ids"][~mask] == EOS).all() and (expected[~mask] == 0).all()
 
 
+def test_openai_padding_on_request_gives_identical_ids(reference):
+    corpus = build_corpus(seed=3, size=300)
+    openai_padded = HfClipTokenizer.from_clip_bpe(pad_token="!")
+    ours = openai_padded(corpus, padding="max_length", truncation=True, return_tensors="pt")["input_ids"]
+    assert torch.equal(ours, reference(corpus))
+
+
 def test_unpadded_ids_and_truncation_keep_eos_last(tokenizer, reference):
     caption = "a photo of " + "very " * 100 + "big cat"
     ids = tokenizer(caption, truncation=True)["input_ids"]
