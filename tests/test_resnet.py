@@ -1,5 +1,5 @@
 """The modified-ResNet image tower: published sizes, parity with open_clip, checkpointing, batching, resolution change,
-save/load through the Auto classes."""
+save/load through the Auto classes, the zero-shot pipeline."""
 
 import copy
 import json
@@ -9,16 +9,26 @@ import textwrap
 from pathlib import Path
 
 import open_clip
+import PIL.Image
 import pytest
 import torch
 from conftest import TINY_RESNET, TINY_TEXT, random_text, tiny_config
 from open_clip.model import CLIP
 from torch import nn
-from transformers import AutoModel, AutoModelForZeroShotImageClassification
+from transformers import AutoModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from conversion.key_mappings import hf_clip_to_openai, openai_to_hf_clip
-from hf_clip import HfClipConfig, HfClipModel, HfClipResNetModel, HfClipVisionConfig, HfClipVisionModel
+from hf_clip import (
+    HfClipConfig,
+    HfClipImageProcessor,
+    HfClipModel,
+    HfClipProcessor,
+    HfClipResNetModel,
+    HfClipVisionConfig,
+    HfClipVisionModel,
+    train_clip_bpe,
+)
 from hf_clip.modeling_hf_clip import HfClipVisionModelWithProjection
 from hf_clip.modeling_resnet import HfClipBottleneck
 
@@ -381,5 +391,56 @@ def test_saved_model_loads_through_auto_model_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "loaded-ok" in result.stdout
-    # The same class in this process as well, for the zero-shot Auto class.
-    assert type(AutoModelForZeroShotImageClassification.from_pretrained(tmp_path / "model")) is HfClipModel
+
+
+def test_zero_shot_pipeline_in_a_fresh_process(tmp_path):
+    """A saved ResNet model + processor answers `pipeline("zero-shot-image-classification")` in a new interpreter;
+    its scores are softmax(logits_per_image) of the same model on the processor's inputs."""
+    labels = ["cat", "dog", "bird", "fish"]
+    tokenizer = train_clip_bpe([f"This is a photo of {label}." for label in labels] * 5, vocab_size=600)
+    text_config = {
+        **TINY_TEXT,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "max_position_embeddings": tokenizer.model_max_length,
+    }
+    torch.manual_seed(0)
+    model = HfClipModel(HfClipConfig(text_config=text_config, vision_config=dict(PARITY_RESNET), projection_dim=16))
+    randomize_batch_norms(model)
+    model.save_pretrained(tmp_path / "model")
+    size = PARITY_RESNET["image_size"]
+    image_processor = HfClipImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(tmp_path / "model")
+    image = tiny_pixels(1, size=80)[0].mul(60).add(128).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    PIL.Image.fromarray(image).save(tmp_path / "image.png")
+    script = textwrap.dedent(
+        f"""
+        import json
+        import PIL.Image
+        import torch
+        import hf_clip
+        from transformers import AutoModel, AutoProcessor, pipeline
+
+        folder, labels = {str(tmp_path / "model")!r}, {labels!r}
+        image = PIL.Image.open({str(tmp_path / "image.png")!r})
+        results = pipeline("zero-shot-image-classification", model=folder)(image, candidate_labels=labels)
+        model, processor = AutoModel.from_pretrained(folder), AutoProcessor.from_pretrained(folder)
+        assert isinstance(model.vision_model, hf_clip.HfClipResNetModel)
+        prompts = [f"This is a photo of {{label}}." for label in labels]
+        inputs = processor(text=prompts, images=image, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**inputs).logits_per_image.softmax(dim=-1)[0].tolist()
+        print(json.dumps({{"results": results, "expected": expected}}))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    scores = {entry["label"]: entry["score"] for entry in answer["results"]}
+    assert sorted(scores) == sorted(labels)
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-6)
+    assert len(set(scores.values())) > 1, "random weights should still separate the labels"
+    for label, expected in zip(labels, answer["expected"], strict=True):
+        assert scores[label] == pytest.approx(expected, abs=1e-6)
