@@ -138,6 +138,19 @@ class HfClipConfig(PreTrainedConfig):
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
 
+    def validate_architecture(self) -> None:
+        vision_config = self.vision_config
+        # The ResNet's attention pool projects into the joint space itself, so both sizes must be the same number.
+        if (
+            isinstance(vision_config, HfClipVisionConfig)
+            and vision_config.backbone == "resnet"
+            and vision_config.projection_dim != self.projection_dim
+        ):
+            raise ValueError(
+                f"a ResNet's attention pool outputs vision_config.projection_dim ({vision_config.projection_dim}), "
+                f"which must equal projection_dim ({self.projection_dim})."
+            )
+
 
 def _foreign_keys_removed(sub_config: dict) -> dict:
     """A transformers `CLIPConfig` dict carries its own `model_type`; the hf_clip sub-config sets its own."""
