@@ -16,13 +16,12 @@ from typing import Any
 
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hf_clip import HfClipConfig, HfClipModel, HfClipProcessor
 
 from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs, sub_configs
 from .key_mappings import StateDict
-from .processor_from_source import check_tokenizer, clip_image_processor, tokenizer_from_vocab_files
+from .processor_from_source import check_tokenizer, clip_image_processor, tokenizer_from_folder
 
 # Fields transformers' CLIP configs and hf_clip's share; everything else is specific to one side.
 TEXT_FIELDS = (
@@ -171,13 +170,15 @@ def load_transformers_folder(folder: str | Path) -> tuple[CLIPModel, HfClipProce
     folder = Path(folder)
     model = CLIPModel.from_pretrained(folder, dtype=torch.float32)
     config = hf_clip_config_from_transformers(model.config)
-    preprocessing = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+    # Reads preprocessor_config.json or processor_config.json (transformers 5.x); JSON only, no code.
+    source_image_processor = CLIPImageProcessor.from_pretrained(folder)
     image_processor = clip_image_processor(
         sub_configs(config)[1].image_size,
-        mean=preprocessing.get("image_mean", OPENAI_CLIP_MEAN),
-        std=preprocessing.get("image_std", OPENAI_CLIP_STD),
+        mean=source_image_processor.image_mean,
+        std=source_image_processor.image_std,
+        resample=source_image_processor.resample,
     )
-    tokenizer = check_tokenizer(tokenizer_from_vocab_files(folder), config)
+    tokenizer = check_tokenizer(tokenizer_from_folder(folder), config)
     return model, HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 

@@ -1,7 +1,8 @@
 """Build the `HfClipProcessor` of a converted checkpoint from what the source ships.
 
 The tokenizer comes from the source's vocabulary: OpenAI's `bpe_simple_vocab_16e6.txt.gz` (the copy in open_clip's
-or clip's package by default), or a folder's `vocab.json` + `merges.txt` (transformers and open_clip Hub folders).
+or clip's package by default), or a folder's `vocab.json` + `merges.txt` or `tokenizer.json` (transformers and
+open_clip Hub folders).
 The image processor comes from the source's preprocessing: resolution from the model, mean/std/interpolation from
 the source's config. Every tokenizer is checked against the model config: same vocabulary size and BOS/EOS ids.
 """
@@ -36,20 +37,32 @@ def clip_image_processor(
     )
 
 
-def tokenizer_from_vocab_files(folder: str | Path) -> HfClipTokenizer:
-    """An `HfClipTokenizer` from a CLIP `vocab.json` + `merges.txt` (the files transformers' CLIPTokenizer saves)."""
+def has_vocabulary(folder: str | Path) -> bool:
     folder = Path(folder)
-    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    if not (vocab_path.is_file() and merges_path.is_file()):
-        raise FileNotFoundError(f"{folder} has no vocab.json + merges.txt to build the tokenizer from.")
-    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    lines = merges_path.read_text(encoding="utf-8").splitlines()
-    merges = [_merge_pair(line) for line in lines if line and not line.startswith("#version")]
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
+def tokenizer_from_folder(folder: str | Path) -> HfClipTokenizer:
+    """An `HfClipTokenizer` with the vocabulary and merges of a CLIP tokenizer folder: `vocab.json` + `merges.txt`
+    (older transformers and open_clip folders) or the BPE model inside `tokenizer.json` (transformers 5.x)."""
+    folder = Path(folder)
+    vocab_path, merges_path, tokenizer_path = folder / "vocab.json", folder / "merges.txt", folder / "tokenizer.json"
+    if vocab_path.is_file() and merges_path.is_file():
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+        merges = [_merge_pair(line) for line in lines if line and not line.startswith("#version")]
+    elif tokenizer_path.is_file():
+        bpe = json.loads(tokenizer_path.read_text(encoding="utf-8"))["model"]
+        if bpe.get("type") != "BPE":
+            raise ValueError(f"{tokenizer_path} holds a {bpe.get('type')} model, not CLIP's BPE.")
+        vocab, merges = bpe["vocab"], [_merge_pair(merge) for merge in bpe["merges"]]
+    else:
+        raise FileNotFoundError(f"{folder} has neither vocab.json + merges.txt nor tokenizer.json.")
     return HfClipTokenizer(vocab=vocab, merges=merges)
 
 
-def _merge_pair(line: str) -> tuple[str, str]:
-    left, right = line.split()
+def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
+    left, right = merge.split() if isinstance(merge, str) else merge
     return left, right
 
 
@@ -95,6 +108,8 @@ def open_clip_processor(
         std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
         resample=INTERPOLATIONS[interpolation],
     )
-    has_vocab = folder is not None and (Path(folder) / "vocab.json").is_file()
-    tokenizer = tokenizer_from_vocab_files(folder) if has_vocab else HfClipTokenizer.from_clip_bpe(bpe_path)  # type: ignore[arg-type]
+    if folder is not None and has_vocabulary(folder):
+        tokenizer = tokenizer_from_folder(folder)
+    else:
+        tokenizer = HfClipTokenizer.from_clip_bpe(bpe_path)
     return HfClipProcessor(image_processor=image_processor, tokenizer=check_tokenizer(tokenizer, config))

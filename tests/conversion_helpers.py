@@ -38,17 +38,18 @@ CAPTIONS = [
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Perturb every weight and BatchNorm statistic: open_clip zero-initialises the last BatchNorm of each
-    bottleneck, which would hide every residual branch from the parity check."""
+    """Give every constant-initialised tensor random values: open_clip zero-initialises the last BatchNorm of each
+    bottleneck (which would hide every residual branch from a parity check), and biases, LayerNorms and BatchNorm
+    statistics start constant. Randomly initialised weights keep their scale, so activations stay realistic."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if not tensor.is_floating_point() or name.endswith("attn_mask"):
+            if not tensor.is_floating_point() or name.endswith("attn_mask") or name == "logit_scale":
                 continue
             if name.endswith("running_var"):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif name != "logit_scale":
-                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.05)
+            elif tensor.numel() == 1 or bool((tensor == tensor.flatten()[0]).all()):
+                tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
     return model.eval()
 
 

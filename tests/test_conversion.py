@@ -245,29 +245,45 @@ def test_blocked_interpreter_cannot_import_hf_clip():
     assert result.returncode != 0 and "No module named 'hf_clip'" in result.stderr
 
 
+def _converted(state_dict, config) -> HfClipModel:
+    """The converter's pure function into a model, without its internal reference (saves memory at full size)."""
+    model = HfClipModel(config).eval()
+    model.load_state_dict(convert_open_clip_state_dict(state_dict, config), strict=True)
+    return model
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"],
 )
 def test_published_architecture_full_size(name, tmp_path):
-    """Full-size `-quickgelu` open_clip models with random weights, in all three source formats."""
+    """Full-size `-quickgelu` open_clip models with random weights, in all three source formats, against the
+    original open_clip model. Set HF_CLIP_CONVERSION_REPORT=path to append the measured max differences."""
     import open_clip
 
     model_cfg = open_clip.get_model_config(f"{name}-quickgelu")
     torch.manual_seed(0)
     source = randomize_(CLIP(**model_cfg))
-    state_dict = source.state_dict()
+    torch.save(source.state_dict(), tmp_path / "openai.pt")
+    state_dict = load_torch_file(tmp_path / "openai.pt")
     config = infer_openai_config(state_dict)
     assert published_architecture(config) == name
-    model, differences = convert_and_verify(state_dict, config)
-    measured = {"openai": assert_matches_open_clip(model, source), "openai_check": differences}
+    measured = {"openai_state_dict": assert_matches_open_clip(_converted(state_dict, config), source)}
+    del state_dict
     epoch_state_dict, _ = load_open_clip_source(save_training_checkpoint(source, tmp_path / "epoch_1.pt"))
-    measured["training_checkpoint"] = assert_matches_open_clip(
-        convert_open_clip(epoch_state_dict, model_cfg)[0], source
-    )
+    epoch_config = config_for(epoch_state_dict, model_cfg, None)
+    measured["training_checkpoint"] = assert_matches_open_clip(_converted(epoch_state_dict, epoch_config), source)
+    del epoch_state_dict
     hub_state_dict, hub_config = load_open_clip_source(save_hub_folder(source, model_cfg, tmp_path / "hub"))
-    measured["hub"] = assert_matches_open_clip(convert_open_clip(hub_state_dict, hub_config["model_cfg"])[0], source)
+    hub_model_config = config_for(hub_state_dict, hub_config["model_cfg"], None)
+    measured["hub"] = assert_matches_open_clip(_converted(hub_state_dict, hub_model_config), source)
+    inputs = parity_inputs(config, seed=1)
+    reference = open_clip_outputs(source, inputs)
+    measured["reference_max_abs"] = {key: value.abs().max().item() for key, value in reference.items()}
     if report_path := os.environ.get("HF_CLIP_CONVERSION_REPORT"):
         with open(report_path, "a") as report:
-            report.write(json.dumps({"name": name, **measured}) + "\n")
+            report.write(
+                json.dumps({"name": name, "parameters": sum(p.numel() for p in source.parameters()), **measured})
+                + "\n"
+            )
