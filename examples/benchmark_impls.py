@@ -1,0 +1,178 @@
+"""The implementations `benchmark.py` times, all built from one hf_clip config so they do the same math.
+
+- `hf_clip`: hf_clip's training path: the text batch trimmed to its longest caption with the padding mask left out
+  (`hf_clip.batching.trim_to_longest`, done on the data-loader side), channels-last ResNets on CUDA.
+- `hf_clip-plain`: the same model called exactly as transformers' `CLIPModel` is (77 tokens, padding mask, NCHW):
+  the unoptimised reference the exactness check compares against.
+- `transformers`: `transformers.CLIPModel` with sdpa attention (ViT only: transformers has no ResNet CLIP).
+- `open_clip`: `open_clip.CLIP` with QuickGELU and open_clip's `ClipLoss`, as `../shared/bench/anchor_gpu.py` runs it.
+"""
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hf_clip import HfClipConfig, HfClipModel
+from hf_clip.batching import trim_to_longest
+
+# Loss of one batch: (pixel_values, input_ids, attention_mask or None) -> scalar.
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class ImplementationUnavailable(RuntimeError):
+    """The implementation cannot run this architecture or is not installed; recorded as a row error, not fatal."""
+
+
+@dataclass
+class Implementation:
+    name: str
+    model: nn.Module
+    loss: LossFn
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    # Data-loader side preparation (not timed, as in a real input pipeline): the batch the step receives.
+    prepare_text: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    prepare_pixels: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _unchanged_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return input_ids, attention_mask
+
+
+def _unchanged_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values
+
+
+def _trimmed_text(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, None]:
+    # Exact for the pooled embeddings (causal tower, EOS pooling); the mask-free batch takes sdpa's is_causal path.
+    return trim_to_longest(input_ids, attention_mask)[0], None
+
+
+def _channels_last(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values.contiguous(memory_format=torch.channels_last)
+
+
+def build_hf_clip(config: HfClipConfig, device: torch.device, optimised: bool = True) -> Implementation:
+    model = HfClipModel._from_config(config, attn_implementation="sdpa").to(device)
+    resnet_channels_last = optimised and config.vision_config.backbone == "resnet" and device.type == "cuda"
+    if resnet_channels_last:
+        model.vision_model.to(memory_format=torch.channels_last)
+
+    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        ).loss
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    return Implementation(
+        name="hf_clip" if optimised else "hf_clip-plain",
+        model=model,
+        loss=loss,
+        encode=encode,
+        prepare_text=_trimmed_text if optimised else _unchanged_text,
+        prepare_pixels=_channels_last if resnet_channels_last else _unchanged_pixels,
+    )
+
+
+def build_transformers(config: HfClipConfig, device: torch.device) -> Implementation:
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = config.text_config, config.vision_config
+    if vision.backbone != "vit":
+        raise ImplementationUnavailable("transformers' CLIPModel has no ResNet image tower")
+    clip_config = CLIPConfig(
+        text_config={
+            "vocab_size": text.vocab_size,
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_attention_heads": text.num_attention_heads,
+            "num_hidden_layers": text.num_hidden_layers,
+            "max_position_embeddings": text.max_position_embeddings,
+            "hidden_act": text.hidden_act,
+            "layer_norm_eps": text.layer_norm_eps,
+            "bos_token_id": text.bos_token_id,
+            "eos_token_id": text.eos_token_id,
+            "pad_token_id": text.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_attention_heads": vision.num_attention_heads,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_act": vision.hidden_act,
+            "layer_norm_eps": vision.layer_norm_eps,
+        },
+        projection_dim=config.projection_dim,
+    )
+    clip_config._attn_implementation = "sdpa"
+    model = CLIPModel(clip_config).to(device)
+
+    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        ).loss
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    return Implementation("transformers", model, loss, encode, _unchanged_text, _unchanged_pixels)
+
+
+def build_open_clip(config: HfClipConfig, device: torch.device) -> Implementation:
+    if importlib.util.find_spec("open_clip") is None:
+        raise ImplementationUnavailable("open_clip is not installed (pip install open_clip_torch)")
+    import open_clip
+    from open_clip.loss import ClipLoss
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    text, vision = config.text_config, config.vision_config
+    if vision.backbone == "vit":
+        vision_cfg = CLIPVisionCfg(
+            layers=vision.num_hidden_layers,
+            width=vision.hidden_size,
+            head_width=vision.hidden_size // vision.num_attention_heads,
+            mlp_ratio=vision.intermediate_size / vision.hidden_size,
+            patch_size=vision.patch_size,
+            image_size=vision.image_size,
+        )
+    else:
+        vision_cfg = CLIPVisionCfg(
+            layers=tuple(vision.layers),
+            width=vision.width,
+            head_width=vision.width * 32 // vision.num_attention_heads,
+            image_size=vision.image_size,
+        )
+    text_cfg = CLIPTextCfg(
+        context_length=text.max_position_embeddings,
+        vocab_size=text.vocab_size,
+        width=text.hidden_size,
+        heads=text.num_attention_heads,
+        layers=text.num_hidden_layers,
+        mlp_ratio=text.intermediate_size / text.hidden_size,
+    )
+    model = open_clip.CLIP(config.projection_dim, vision_cfg, text_cfg, quick_gelu=True, output_dict=True).to(device)
+    clip_loss = ClipLoss()
+
+    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        # open_clip pools at the argmax token id (EOS, the largest id) and takes no mask.
+        out = model(pixel_values, input_ids)
+        return clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.encode_image(pixel_values)
+
+    return Implementation("open_clip", model, loss, encode, _unchanged_text, _unchanged_pixels)
+
+
+BUILDERS: dict[str, Callable[[HfClipConfig, torch.device], Implementation]] = {
+    "hf_clip": build_hf_clip,
+    "hf_clip-plain": lambda config, device: build_hf_clip(config, device, optimised=False),
+    "transformers": build_transformers,
+    "open_clip": build_open_clip,
+}
