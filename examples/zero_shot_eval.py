@@ -144,7 +144,7 @@ def load_splits(config: EvalConfig) -> dict[str, Dataset]:
     if config.data_files:
         data_files = {}
         for entry in config.data_files:
-            split, _, pattern = entry.rpartition("=") if "=" in entry else (config.split, "", entry)
+            split, _, pattern = entry.partition("=") if "=" in entry else (config.split, "", entry)
             data_files.setdefault(split, []).append(pattern)
     splits = load_dataset(config.data_format, data_dir=config.data_dir, data_files=data_files)
     needed = [config.split] + ([config.train_split] if "linear_probe" in config.tasks else [])
