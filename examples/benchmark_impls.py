@@ -2,6 +2,7 @@
 
 - `hf_clip`: hf_clip's training path: the text batch trimmed to its longest caption with the padding mask left out
   (`hf_clip.batching.trim_to_longest`, done on the data-loader side), channels-last ResNets on CUDA.
+- `hf_clip-checkpointed`: `hf_clip` with activation checkpointing (opt-in: memory for larger batches).
 - `hf_clip-plain`: the same model called exactly as transformers' `CLIPModel` is (77 tokens, padding mask, NCHW):
   the unoptimised reference the exactness check compares against.
 - `transformers`: `transformers.CLIPModel` with sdpa attention (ViT only: transformers has no ResNet CLIP).
@@ -54,8 +55,13 @@ def _channels_last(pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values.contiguous(memory_format=torch.channels_last)
 
 
-def build_hf_clip(config: HfClipConfig, device: torch.device, optimised: bool = True) -> Implementation:
+def build_hf_clip(
+    config: HfClipConfig, device: torch.device, optimised: bool = True, checkpointing: bool = False
+) -> Implementation:
     model = HfClipModel._from_config(config, attn_implementation="sdpa").to(device)
+    if checkpointing:
+        # Recompute each encoder layer / ResNet block in the backward pass: activations of one layer at a time.
+        model.activation_checkpointing_enable()
     resnet_channels_last = optimised and config.vision_config.backbone == "resnet" and device.type == "cuda"
     if resnet_channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
@@ -69,7 +75,7 @@ def build_hf_clip(config: HfClipConfig, device: torch.device, optimised: bool = 
         return model.get_image_features(pixel_values=pixel_values).pooler_output
 
     return Implementation(
-        name="hf_clip" if optimised else "hf_clip-plain",
+        name=("hf_clip-checkpointed" if checkpointing else "hf_clip") if optimised else "hf_clip-plain",
         model=model,
         loss=loss,
         encode=encode,
@@ -173,6 +179,7 @@ def build_open_clip(config: HfClipConfig, device: torch.device) -> Implementatio
 BUILDERS: dict[str, Callable[[HfClipConfig, torch.device], Implementation]] = {
     "hf_clip": build_hf_clip,
     "hf_clip-plain": lambda config, device: build_hf_clip(config, device, optimised=False),
+    "hf_clip-checkpointed": lambda config, device: build_hf_clip(config, device, checkpointing=True),
     "transformers": build_transformers,
     "open_clip": build_open_clip,
 }

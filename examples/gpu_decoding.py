@@ -79,7 +79,7 @@ def difference_from_exact_path(jpegs: list[bytes], device: torch.device) -> dict
     decoded_cpu = torchvision.io.decode_jpeg(
         [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs], mode=ImageReadMode.RGB
     )
-    pil_decoded = [torch.from_numpy(np.asarray(PIL.Image.open(io.BytesIO(j)).convert("RGB"))) for j in jpegs]
+    pil_decoded = [torch.from_numpy(np.array(PIL.Image.open(io.BytesIO(j)).convert("RGB"))) for j in jpegs]
     decoder_diff = max(
         int((ours.permute(1, 2, 0).short() - pil.short()).abs().max())
         for ours, pil in zip(decoded_cpu, pil_decoded, strict=True)

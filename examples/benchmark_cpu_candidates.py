@@ -1,0 +1,111 @@
+"""CPU measurements of the speed candidates that can be shown without a GPU, on full-size towers.
+
+- Text tower (ViT-B/32's, 12 layers × 512): training step (forward + backward of the pooled embedding) with 77
+  padded tokens and the padding mask (what transformers' CLIPModel runs), the same without the mask (sdpa's
+  `is_causal` path: exact because padding follows each caption's EOS), and trimmed to a batch whose longest
+  caption is 32 or 16 tokens (`hf_clip.batching.trim_to_longest`).
+- RN50 image tower: training step in NCHW and in channels-last memory format.
+
+fp32, one thread, per CPU-second of this process; variants interleaved round after round, median reported.
+
+    taskset -c 1 python examples/benchmark_cpu_candidates.py --text-batch 32 --image-batch 4 --rounds 3
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hf_clip import HfClipConfig, HfClipTextModel
+from hf_clip.modeling_hf_clip import build_vision_tower
+
+CONFIGS = Path(__file__).resolve().parent.parent / "conversion" / "configs"
+
+
+def text_batch(batch_size: int, longest: int, context: int, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions of 5..`longest` tokens (BOS ... EOS), zero-padded to `context`."""
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, longest + 1, (batch_size,), generator=generator)
+    lengths[0] = longest
+    positions = torch.arange(context)[None]
+    input_ids = torch.randint(1, config.bos_token_id - 1, (batch_size, context), generator=generator)
+    input_ids[:, 0] = config.bos_token_id
+    input_ids = torch.where(positions == lengths[:, None] - 1, config.eos_token_id, input_ids)
+    input_ids = torch.where(positions >= lengths[:, None], 0, input_ids)
+    return input_ids, (positions < lengths[:, None]).long()
+
+
+def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+    """Median CPU seconds per call of each step, measured round-robin."""
+    for step in steps.values():
+        step()
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.process_time()
+            step()
+            seconds[name].append(time.process_time() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--text-batch", type=int, default=32)
+    parser.add_argument("--image-batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", default="cpu_candidates.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+    text_config = HfClipConfig(**json.loads((CONFIGS / "ViT-B-32.json").read_text())).text_config
+    text_model = HfClipTextModel._from_config(text_config, attn_implementation="sdpa").train()
+    input_ids, attention_mask = text_batch(args.text_batch, 77, 77, text_config)
+    short = {n: text_batch(args.text_batch, n, 77, text_config) for n in (32, 16)}
+
+    def text_step(ids: torch.Tensor, mask: torch.Tensor | None) -> Callable[[], None]:
+        def step() -> None:
+            text_model(input_ids=ids, attention_mask=mask).pooler_output.sum().backward()
+
+        return step
+
+    text_steps = {
+        "77 tokens, padding mask": text_step(input_ids, attention_mask),
+        "77 tokens, no mask (is_causal)": text_step(input_ids, None),
+        "longest 32, untrimmed (77, mask)": text_step(*short[32]),
+        "longest 32, trimmed, no mask": text_step(short[32][0][:, :32], None),
+        "longest 16, untrimmed (77, mask)": text_step(*short[16]),
+        "longest 16, trimmed, no mask": text_step(short[16][0][:, :16], None),
+    }
+    text_seconds = interleaved(text_steps, args.rounds)
+
+    resnet_config = HfClipConfig(**json.loads((CONFIGS / "RN50.json").read_text())).vision_config
+    tower = build_vision_tower(resnet_config).train()
+    tower_channels_last = build_vision_tower(resnet_config).train().to(memory_format=torch.channels_last)
+    tower_channels_last.load_state_dict(tower.state_dict())
+    pixels = torch.randn(args.image_batch, 3, 224, 224)
+    pixels_channels_last = pixels.contiguous(memory_format=torch.channels_last)
+    image_steps = {
+        "RN50 NCHW": lambda: tower(pixel_values=pixels).pooler_output.sum().backward(),
+        "RN50 channels-last": lambda: (
+            tower_channels_last(pixel_values=pixels_channels_last).pooler_output.sum().backward()
+        ),
+    }
+    image_seconds = interleaved(image_steps, args.rounds)
+    results = {
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+        "text_tower_samples_per_cpu_second": {k: args.text_batch / v for k, v in text_seconds.items()},
+        "rn50_tower_samples_per_cpu_second": {k: args.image_batch / v for k, v in image_seconds.items()},
+    }
+    print(json.dumps(results, indent=2))
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
