@@ -6,8 +6,8 @@ gradients so that N processes train exactly as one process on the global batch.
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
+from torch.distributed import _functional_collectives as funcol
 
 
 def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,6 +24,10 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     if logits_per_text.shape[0] < 2:
         raise ValueError("the contrastive loss needs a batch of at least 2 pairs (with 1 there are no negatives).")
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2
+
+
+# An all-gather whose backward reduce-scatters the gradients; torch 2.14 renamed `all_gather_tensor_autograd`.
+_all_gather_autograd = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -43,7 +47,9 @@ def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     if world_size == 1:
         return features
     if with_grad:
-        return torch.cat(dist_fn.all_gather(features), dim=0)
+        group = dist.group.WORLD
+        assert group is not None  # initialised: world_size > 1
+        return _all_gather_autograd(features.contiguous(), gather_dim=0, group=group)
     gathered = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(gathered, features.detach().contiguous())
     gathered[rank] = features

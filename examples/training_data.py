@@ -1,0 +1,235 @@
+"""Image–caption data for `examples/train.py`: `datasets` streaming, per-rank and per-worker splits, skip-and-count.
+
+Sources (all read with `datasets.load_dataset(..., streaming=True)`, offline on local files):
+
+- `webdataset`: tar shards of `<key>.<image ext>` + `<key>.txt` (+ `<key>.cls` for labelled splits);
+- `parquet`: files with an image column (`{"bytes", "path"}` structs or raw bytes) and a caption column;
+- `imagefolder`: a folder of images with a `metadata.jsonl` (`file_name` plus the caption / label columns).
+
+The stream is split across ranks with `split_dataset_by_node` (whole shards when their count divides the world
+size, otherwise every rank reads everything and keeps its share) and across DataLoader workers by `datasets`.
+Every sample is decoded and preprocessed on its own: an undecodable or truncated image, an image PIL cannot convert
+to RGB, a missing field or an empty caption is skipped and counted by reason; the counts travel with each batch.
+A tar archive that is itself truncated ends that worker's pass over its shards for the epoch (`datasets` cannot
+continue inside a broken archive); it is logged and counted, never fatal.
+
+Determinism (for exact resume): the shuffle is seeded by (seed, epoch) through `set_epoch`, and each sample's random
+crop draws from a generator seeded by (seed, epoch, rank, worker, position), so an epoch's batches depend only on
+those numbers and can be replayed.
+"""
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+
+from hf_clip.image_processing_hf_clip import load_image_bytes
+
+logger = logging.getLogger(__name__)
+
+DATA_FORMATS = ("webdataset", "parquet", "imagefolder")
+SKIP_REASONS = ("bad_image", "empty_caption", "missing_field", "broken_shard")
+
+
+@dataclass
+class DataSpec:
+    """Where a split lives and which columns hold what."""
+
+    data_format: str
+    data_files: list[str]
+    image_column: str
+    text_column: str | None = None
+    label_column: str | None = None
+
+
+def load_stream(spec: DataSpec) -> datasets.IterableDataset:
+    """The split as a streaming `IterableDataset` whose image column yields undecoded `{"bytes", "path"}`."""
+    if spec.data_format not in DATA_FORMATS:
+        raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {spec.data_format!r}.")
+    if not spec.data_files:
+        raise ValueError("no data files given.")
+    if spec.data_format == "imagefolder":
+        dataset = datasets.load_dataset("imagefolder", data_dir=spec.data_files[0], split="train", streaming=True)
+    else:
+        dataset = datasets.load_dataset(
+            spec.data_format, data_files={"train": spec.data_files}, split="train", streaming=True
+        )
+    columns = [spec.image_column, spec.text_column, spec.label_column]
+    missing = [column for column in columns if column is not None and column not in (dataset.features or {})]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the data; it has {list(dataset.features or {})}.")
+    # Decoding is ours, per sample, so that a corrupt image is skipped instead of ending the run.
+    if isinstance(dataset.features[spec.image_column], datasets.Image):
+        dataset = dataset.cast_column(spec.image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """Encoded image bytes from a `{"bytes", "path"}` struct or raw bytes; `None` when absent."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path"):
+            with open(value["path"], "rb") as file:
+                return file.read()
+        return None
+    return value if isinstance(value, (bytes, bytearray)) and value else None
+
+
+def sample_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (a polynomial hash: stable across processes and runs)."""
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part + 1) % (2**63 - 1)
+    return seed
+
+
+class ClipBatches(torch.utils.data.IterableDataset):
+    """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped"}` for one rank.
+
+    Use with `DataLoader(batch_size=None)`: batching happens here, after skipping, so every batch is full (the
+    contrastive loss needs the same batch size on every rank). `skipped` counts, per `SKIP_REASONS`, the samples
+    dropped since the previous batch of the same worker; a worker's pass ends with a `{"skipped"}`-only record when
+    samples were dropped after its last full batch.
+    """
+
+    def __init__(
+        self,
+        dataset: datasets.IterableDataset,
+        spec: DataSpec,
+        image_transform: Callable[[Any, torch.Generator], torch.Tensor],
+        tokenizer: Callable[..., Any],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle_buffer: int = 1000,
+    ):
+        super().__init__()
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2 (the contrastive loss of 1 pair is 0), got {batch_size}.")
+        if spec.text_column is None:
+            raise ValueError("training data needs a caption column (text_column).")
+        if shuffle_buffer > 0:
+            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.spec = spec
+        self.image_transform = image_transform
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        images: list[torch.Tensor] = []
+        captions: list[str] = []
+        skipped: Counter[str] = Counter()
+        position = 0
+        examples = iter(self.dataset)
+        while True:
+            try:
+                example = next(examples)
+            except StopIteration:
+                break
+            except Exception as error:  # tarfile.ReadError, OSError, pyarrow errors from a damaged file
+                logger.error(
+                    "rank %d worker %d: data stream broke (%s); ending this epoch's pass.", self.rank, worker_id, error
+                )
+                skipped["broken_shard"] += 1
+                break
+            position += 1
+            generator = torch.Generator().manual_seed(
+                sample_seed(self.seed, self.epoch, self.rank, worker_id, position)
+            )
+            sample = self._sample(example, generator, skipped)
+            if sample is None:
+                continue
+            images.append(sample[0])
+            captions.append(sample[1])
+            if len(images) == self.batch_size:
+                yield self._collate(images, captions, skipped)
+                images, captions, skipped = [], [], Counter()
+        if skipped:  # the counts of the dropped partial batch, as a record without samples
+            yield {"skipped": self._counts(skipped)}
+
+    def _sample(self, example: dict, generator: torch.Generator, skipped: Counter) -> tuple[torch.Tensor, str] | None:
+        key = example.get("__key__", "?")
+        caption = example.get(self.spec.text_column)
+        data = image_bytes(example.get(self.spec.image_column))
+        if data is None or caption is None:
+            return self._skip(skipped, "missing_field", key, "no image or no caption")
+        if not isinstance(caption, str) or not caption.strip():
+            return self._skip(skipped, "empty_caption", key, "empty caption")
+        try:
+            pixel_values = self.image_transform(load_image_bytes(data, name=str(key)), generator)
+        except (ValueError, OSError) as error:
+            return self._skip(skipped, "bad_image", key, str(error))
+        return pixel_values, caption.strip()
+
+    def _skip(self, skipped: Counter, reason: str, key: str, detail: str) -> None:
+        skipped[reason] += 1
+        logger.warning("rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
+        return None
+
+    def _collate(self, images: list[torch.Tensor], captions: list[str], skipped: Counter) -> dict[str, torch.Tensor]:
+        text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        return {
+            "pixel_values": torch.stack(images),
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "skipped": self._counts(skipped),
+        }
+
+    @staticmethod
+    def _counts(skipped: Counter) -> torch.Tensor:
+        return torch.tensor([skipped[reason] for reason in SKIP_REASONS])
+
+
+def labelled_batches(
+    spec: DataSpec,
+    image_processor: Callable[..., Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    max_samples: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of a labelled evaluation split as (pixel_values, labels) batches (eval preprocessing).
+
+    Undecodable images are skipped with a warning, as in training. `max_samples` bounds the whole split.
+    """
+    if spec.label_column is None:
+        raise ValueError("zero-shot evaluation needs a label column (eval_label_column).")
+    dataset = load_stream(spec)
+    if max_samples is not None:
+        dataset = dataset.take(max_samples)
+    dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+    batches, images, labels = [], [], []
+    for example in dataset:
+        data = image_bytes(example.get(spec.image_column))
+        label = example.get(spec.label_column)
+        try:
+            if data is None or label is None:
+                raise ValueError("missing image or label")
+            images.append(load_image_bytes(data, name=str(example.get("__key__", "?"))))
+            labels.append(int(label))
+        except (ValueError, OSError) as error:
+            logger.warning("rank %d: skipped evaluation sample: %s", rank, error)
+            continue
+        if len(images) == batch_size:
+            batches.append((image_processor(images=images, return_tensors="pt")["pixel_values"], torch.tensor(labels)))
+            images, labels = [], []
+    if images:
+        batches.append((image_processor(images=images, return_tensors="pt")["pixel_values"], torch.tensor(labels)))
+    return batches

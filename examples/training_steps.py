@@ -1,0 +1,133 @@
+"""Model-side pieces of `examples/train.py`: the embedding wrapper, the paper's optimizer, and the two accumulation
+modes.
+
+Accumulation over m micro-batches, two ways:
+
+- `plain` (`accelerator.accumulate`): each micro-batch is its own contrastive problem; a sample's negatives are
+  the other samples of its micro-batch (on all ranks). Gradients are averaged over micro-batches. Cheap, but the
+  loss is that of batch `per_device_batch_size × world_size`, not of the accumulated batch.
+- `cached` (`cached_accumulation_backward`): the loss of the whole accumulated batch, every sample against all
+  `per_device_batch_size × world_size × m` others. Pass 1 embeds every micro-batch without gradients; pass 2
+  re-embeds each micro-batch with gradients and back-propagates the full-batch loss with the other micro-batches'
+  embeddings as constants. The summed gradients equal those of one batch m times larger (the embeddings are
+  deterministic: CLIP has no dropout), at the cost of one extra forward pass and m loss evaluations.
+"""
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from hf_clip import ClipLoss, HfClipModel
+
+LOGIT_SCALE_MAX = math.log(100)
+# The paper's Adam settings per image-tower family (β2, ε).
+ADAM_SETTINGS = {"vit": (0.98, 1e-6), "resnet": (0.999, 1e-8)}
+
+
+class ClipEmbedder(nn.Module):
+    """`HfClipModel` behind one forward that returns what `ClipLoss` takes.
+
+    Training goes through this forward only, so DDP's gradient hooks and FSDP's parameter gathering see every use of
+    the weights (including `logit_scale`). Pass images, text or both; the missing side comes back as `None`.
+    """
+
+    def __init__(self, model: HfClipModel):
+        super().__init__()
+        self.model = model
+        # FSDP's transformer auto-wrap policy reads this from the root module and fails on a name the model lacks
+        # (a ViT model has no ResNet bottleneck), so keep the present ones.
+        present = {type(module).__name__ for module in model.modules()}
+        self._no_split_modules = [name for name in model._no_split_modules or [] if name in present]
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        image_embeds = text_embeds = None
+        if pixel_values is not None:
+            image_embeds = nn.functional.normalize(self.model.get_image_features(pixel_values).pooler_output, dim=-1)
+        if input_ids is not None:
+            text_features = self.model.get_text_features(input_ids, attention_mask=attention_mask).pooler_output
+            text_embeds = nn.functional.normalize(text_features, dim=-1)
+        logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        return image_embeds, text_embeds, logit_scale
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never gains, biases or `logit_scale` (every parameter with < 2 dims)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    model: HfClipModel,
+    learning_rate: float,
+    weight_decay: float,
+    beta1: float = 0.9,
+    beta2: float | None = None,
+    epsilon: float | None = None,
+) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) with the paper's β2 / ε for the model's image tower unless overridden."""
+    default_beta2, default_epsilon = ADAM_SETTINGS[model.config.vision_config.backbone]
+    return torch.optim.AdamW(
+        parameter_groups(model, weight_decay),
+        lr=learning_rate,
+        betas=(beta1, beta2 if beta2 is not None else default_beta2),
+        eps=epsilon if epsilon is not None else default_epsilon,
+    )
+
+
+@torch.no_grad()
+def clamp_logit_scale_(model: HfClipModel) -> None:
+    """Clamp the learned log-temperature to ln(100) in place (the paper, after every optimizer step)."""
+    model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
+
+
+def plain_loss(embedder: nn.Module, loss_fn: ClipLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    image_embeds, text_embeds, logit_scale = embedder(
+        batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    )
+    return loss_fn(image_embeds, text_embeds, logit_scale)
+
+
+def cached_accumulation_backward(
+    embedder: nn.Module,
+    loss_fn: ClipLoss,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+) -> torch.Tensor:
+    """Accumulate into `.grad` the gradients of the loss of all `micro_batches` together; returns that loss.
+
+    `backward` is `accelerator.backward` under accelerate (the loss is not divided by the number of micro-batches:
+    each pass-2 backward contributes a disjoint part of the one full-batch gradient). `no_sync` (e.g.
+    `lambda: accelerator.no_sync(model)`) skips DDP's gradient all-reduce on all but the last micro-batch.
+    """
+    with torch.no_grad():
+        cached = [embedder(b["pixel_values"], b["input_ids"], b["attention_mask"])[:2] for b in micro_batches]
+    cached_images = [image for image, _ in cached]
+    cached_texts = [text for _, text in cached]
+    loss = torch.zeros(())
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with context:
+            image_embeds, text_embeds, logit_scale = embedder(
+                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+            )
+            images = torch.cat([*cached_images[:index], image_embeds, *cached_images[index + 1 :]])
+            texts = torch.cat([*cached_texts[:index], text_embeds, *cached_texts[index + 1 :]])
+            # The temperature's gradient must be counted once, not once per micro-batch: on the last one, whose
+            # backward is the one DDP synchronises (every parameter must take part in it).
+            scale = logit_scale if last else logit_scale.detach()
+            loss = loss_fn(images, texts, scale)
+            backward(loss)
+    return loss.detach()
