@@ -75,8 +75,8 @@ def make_jpegs(count: int, seed: int = 0) -> dict[str, list[bytes]]:
     return {"web sizes (375-1024 px)": web, "pre-resized (256-px shortest side)": shards}
 
 
-def implementations() -> dict[str, Callable[[bytes], torch.Tensor]]:
-    """bytes → (1, 3, 224, 224) float32, each the way its library is used in a data-loader transform."""
+def implementations() -> dict[str, Callable[[bytes], object]]:
+    """bytes → (1, 3, 224, 224) float32, each the way its library is used in a data-loader transform; plus floors."""
     hf_clip = HfClipImageProcessor()
     fast = FastClipImagePreprocessor(hf_clip)
     torchvision_backend, pil_backend = CLIPImageProcessor(), CLIPImageProcessorPil()
@@ -84,7 +84,15 @@ def implementations() -> dict[str, Callable[[bytes], torch.Tensor]]:
     def with_processor(processor) -> Callable[[bytes], torch.Tensor]:
         return lambda data: processor(PIL.Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
 
+    def decode_only(data: bytes) -> PIL.Image.Image:
+        image = PIL.Image.open(io.BytesIO(data))
+        image.load()
+        return image
+
     return {
+        # Floors of any bit-exact path: full-resolution decode, then decode + the one PIL bicubic resize.
+        "floor: PIL decode": decode_only,
+        "floor: PIL decode + resize": lambda data: fast.resized(decode_only(data)),
         "transformers CLIPImageProcessor (torchvision backend)": with_processor(torchvision_backend),
         "transformers CLIPImageProcessorPil": with_processor(pil_backend),
         "hf_clip HfClipImageProcessor": with_processor(hf_clip),
