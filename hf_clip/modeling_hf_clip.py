@@ -137,14 +137,11 @@ class HfClipModel(HfClipPreTrainedModel):
     ) -> HfClipOutput | tuple:
         if input_ids is None or pixel_values is None:
             raise ValueError("HfClipModel.forward needs both `input_ids` and `pixel_values`.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
+            output_attentions, output_hidden_states, return_dict
+        )
         # Resolved here: the towers would otherwise fall back to their sub-configs' flags, not this config's.
-        flags = {
-            "output_attentions": output_attentions if output_attentions is not None else self.config.output_attentions,
-            "output_hidden_states": (
-                output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-            ),
-        }
+        flags = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         vision_outputs = self.get_image_features(pixel_values, interpolate_pos_encoding, **flags)
         text_outputs = self.get_text_features(input_ids, attention_mask, position_ids, **flags)
 

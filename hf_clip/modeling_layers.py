@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
@@ -147,6 +148,31 @@ class HfClipEncoder(nn.Module):
         )
 
 
+def check_image_size(height: int, width: int, image_size: int, interpolate_pos_encoding: bool) -> None:
+    if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
+        raise ValueError(
+            f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
+            "pass interpolate_pos_encoding=True to run at another resolution."
+        )
+
+
+def tower_output(
+    last_hidden_state: torch.Tensor,
+    pooled_output: torch.Tensor,
+    hidden_states: tuple[torch.Tensor, ...] | None,
+    attentions: tuple[torch.Tensor, ...] | None,
+    return_dict: bool,
+) -> BaseModelOutputWithPooling | tuple:
+    if not return_dict:
+        return tuple(v for v in (last_hidden_state, pooled_output, hidden_states, attentions) if v is not None)
+    return BaseModelOutputWithPooling(
+        last_hidden_state=last_hidden_state,
+        pooler_output=pooled_output,
+        hidden_states=hidden_states,
+        attentions=attentions,
+    )
+
+
 class HfClipPreTrainedModel(PreTrainedModel):
     """Base of every hf_clip model. Initialisation follows OpenAI's CLIP (DESIGN §9); towers extend it."""
 
@@ -164,6 +190,16 @@ class HfClipPreTrainedModel(PreTrainedModel):
         # shortcut guards remote code that writes tensors in place; ours writes only through
         # `transformers.initialization`, which already leaves loaded weights alone.
         return False
+
+    def output_flags(
+        self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """Call arguments win; unset ones fall back to the config, as in every transformers model."""
+        return (
+            bool(output_attentions if output_attentions is not None else self.config.output_attentions),
+            bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states),
+            bool(return_dict if return_dict is not None else self.config.return_dict),
+        )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

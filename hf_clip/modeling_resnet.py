@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipPreTrainedModel, eager_attention_forward
+from .modeling_layers import HfClipPreTrainedModel, check_image_size, eager_attention_forward, tower_output
 
 # Channels of a bottleneck's output relative to its inner width.
 EXPANSION = 4
@@ -227,17 +227,10 @@ class HfClipResNetModel(HfClipPreTrainedModel):
                 f"got {tuple(pixel_values.shape)}."
             )
         height, width = pixel_values.shape[-2:]
-        image_size = self.config.image_size
-        if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
-            raise ValueError(
-                f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
-                "pass interpolate_pos_encoding=True to run at another resolution."
-            )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        check_image_size(height, width, self.config.image_size, interpolate_pos_encoding)
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
+            output_attentions, output_hidden_states, return_dict
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self.stem(pixel_values.to(self.stem.conv1.weight.dtype))
         all_hidden_states: tuple[torch.Tensor, ...] = (hidden_states,)
@@ -248,11 +241,4 @@ class HfClipResNetModel(HfClipPreTrainedModel):
 
         hidden_states_out = all_hidden_states if output_hidden_states else None
         attentions = (attn_weights,) if output_attentions and attn_weights is not None else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, pooled_output, hidden_states_out, attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled_output,
-            hidden_states=hidden_states_out,
-            attentions=attentions,
-        )
+        return tower_output(hidden_states, pooled_output, hidden_states_out, attentions, return_dict)

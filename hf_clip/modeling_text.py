@@ -6,7 +6,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipTextConfig
-from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel
+from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, tower_output
 
 
 class HfClipTextEmbeddings(nn.Module):
@@ -72,11 +72,9 @@ class HfClipTextModel(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if input_ids is None:
             raise ValueError("HfClipTextModel needs `input_ids`.")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
+            output_attentions, output_hidden_states, return_dict
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         eos_positions = self.first_eos_positions(input_ids)
 
@@ -91,14 +89,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
         last_hidden_state = self.final_layer_norm(last_hidden_state)
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0]), eos_positions]
 
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled_output,
-            hidden_states=hidden_states_all,
-            attentions=attentions,
-        )
+        return tower_output(last_hidden_state, pooled_output, hidden_states_all, attentions, return_dict)
 
     def first_eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Index of each row's first EOS token; a row without one is an input error, not a silent wrong pooling."""

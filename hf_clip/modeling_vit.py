@@ -6,7 +6,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel
+from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, check_image_size, tower_output
 
 
 class HfClipVisionEmbeddings(nn.Module):
@@ -40,12 +40,8 @@ class HfClipVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
+        check_image_size(height, width, self.image_size, interpolate_pos_encoding)
         at_training_size = height == self.image_size and width == self.image_size
-        if not at_training_size and not interpolate_pos_encoding:
-            raise ValueError(
-                f"input images are {height}x{width} but the model takes {self.image_size}x{self.image_size}; "
-                "pass interpolate_pos_encoding=True to run at another resolution."
-            )
         patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
         class_embeds = self.class_embedding.expand(batch_size, 1, -1)
@@ -93,11 +89,9 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if pixel_values is None:
             raise ValueError("the image tower needs `pixel_values`.")
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions, output_hidden_states, return_dict = self.output_flags(
+            output_attentions, output_hidden_states, return_dict
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
 
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         last_hidden_state, hidden_states_all, attentions = self.encoder(
@@ -105,11 +99,4 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         )
         pooled_output = self.post_layernorm(last_hidden_state[:, 0])
 
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states_all, attentions) if v is not None)
-        return BaseModelOutputWithPooling(
-            last_hidden_state=last_hidden_state,
-            pooler_output=pooled_output,
-            hidden_states=hidden_states_all,
-            attentions=attentions,
-        )
+        return tower_output(last_hidden_state, pooled_output, hidden_states_all, attentions, return_dict)
