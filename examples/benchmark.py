@@ -52,14 +52,20 @@ def load_config(arch: str) -> HfClipConfig:
 
 
 def synthetic_batch(
-    batch_size: int, config: HfClipConfig, device: torch.device
+    batch_size: int, config: HfClipConfig, device: torch.device, longest_caption: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """anchor_gpu.py's batch: pixels, BOS + random tokens + EOS at a random 5..75 position, zero padding, mask."""
+    """anchor_gpu.py's batch: pixels, BOS + random tokens + EOS at a random 5..75 position, zero padding, mask.
+
+    `longest_caption` (tokens with BOS and EOS) caps the EOS position at `longest_caption - 1` for batches of short
+    real-world captions; every implementation still receives the 77-token padded batch."""
     text = config.text_config
     context, size = text.max_position_embeddings, config.vision_config.image_size
     pixel_values = torch.randn(batch_size, 3, size, size, device=device)
     input_ids = torch.randint(1, text.bos_token_id - 1, (batch_size, context), device=device)
-    lengths = torch.randint(min(5, context - 2), context - 1, (batch_size,), device=device)
+    last_eos = context - 2 if longest_caption is None else min(longest_caption - 1, context - 2)
+    if last_eos < 1:
+        raise ValueError(f"longest_caption must be at least 2 tokens (BOS and EOS), got {longest_caption}.")
+    lengths = torch.randint(min(5, last_eos), last_eos + 1, (batch_size,), device=device)
     positions = torch.arange(context, device=device)[None]
     input_ids[:, 0] = text.bos_token_id
     input_ids = torch.where(positions == lengths[:, None], torch.full_like(input_ids, text.eos_token_id), input_ids)
@@ -243,6 +249,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", default="ViT-B-32,ViT-L-14", help="comma-separated names or config JSON paths")
     parser.add_argument("--batch-size", type=int, help="training batch (default: the peers' per architecture)")
     parser.add_argument("--encode-batch-size", type=int, default=512)
+    parser.add_argument(
+        "--longest-caption", type=int, help="cap caption length (tokens incl. BOS/EOS; default: the anchors' 76)"
+    )
     parser.add_argument("--impls", default="hf_clip,hf_clip-plain,transformers,open_clip")
     parser.add_argument("--variants", default="eager,compile", help="eager and/or compile")
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
@@ -279,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = Path(arch).stem
         batch_size = args.batch_size or DEFAULT_BATCH.get(name, 8)
         torch.manual_seed(0)
-        batch = synthetic_batch(batch_size, config, device)
+        batch = synthetic_batch(batch_size, config, device, args.longest_caption)
         for variant in args.variants.split(","):
             if "hf_clip" in args.impls.split(","):
                 check = run_safely(functools.partial(exactness, config, batch, variant, args))

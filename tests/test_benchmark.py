@@ -110,6 +110,17 @@ def test_hf_clip_training_step_compiles_without_graph_breaks(model):
     assert explanation.graph_count == 1
 
 
+def test_longest_caption_caps_the_synthetic_captions_but_keeps_77_columns():
+    config = benchmark.load_config(TINY["tiny-vit"])
+    torch.manual_seed(0)
+    _, input_ids, attention_mask = benchmark.synthetic_batch(64, config, torch.device("cpu"), longest_caption=10)
+    assert input_ids.shape == (64, 77) and int(attention_mask.sum(dim=1).max()) == 10
+    eos_positions = (input_ids == config.text_config.eos_token_id).int().argmax(dim=1)
+    assert torch.equal(eos_positions + 1, attention_mask.sum(dim=1))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        benchmark.synthetic_batch(4, config, torch.device("cpu"), longest_caption=1)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown implementation 'flax'"):
         benchmark.parse_args(["--impls", "hf_clip,flax"])
