@@ -22,7 +22,6 @@ from hf_clip import HfClipConfig, HfClipModel
 from .checks import sub_configs
 from .convert_openai import (
     _architecture,
-    add_output_arguments,
     convert_and_verify,
     convert_openai_state_dict,
     infer_openai_config,
@@ -100,11 +99,11 @@ def convert_open_clip(
 
 def main(argv: list[str] | None = None) -> None:
     from .processor_from_source import open_clip_processor
-    from .push_to_hub import publish
+    from .push_to_hub import add_publish_arguments, publish_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="epoch_N.pt, an open_clip Hub folder, or a tar/zip archive of one")
-    add_output_arguments(parser)
+    add_publish_arguments(parser)
     source_config = parser.add_mutually_exclusive_group()
     source_config.add_argument("--model-name", help="open_clip model config name, e.g. ViT-B-32-quickgelu")
     source_config.add_argument("--model-config", type=Path, help="JSON file with an open_clip model config")
@@ -132,18 +131,13 @@ def main(argv: list[str] | None = None) -> None:
         processor = open_clip_processor(
             model.config, preprocess_cfg, folder=source if source.is_dir() else None, bpe_path=args.bpe
         )
-    publish(
+    publish_from_args(
         model,
         processor,
-        args.output_dir,
+        args,
         source=f"open_clip checkpoint {args.source.name}",
-        license=args.license,
         architecture=architecture,
-        base_model=args.base_model,
-        eval_results_paths=args.eval_results,
         parity=differences,
-        repo_id=args.repo_id,
-        push=args.push,
     )
 
 

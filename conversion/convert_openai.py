@@ -170,25 +170,13 @@ def convert_and_verify(
     return model, differences
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments every converter CLI shares: where to write, and publishing."""
-    parser.add_argument("output_dir", type=Path, help="folder to write the hf_clip checkpoint into")
-    parser.add_argument("--push", action="store_true", help="upload the checked folder (default: list files only)")
-    parser.add_argument("--repo-id", help="Hub repository ORG/NAME for --push")
-    parser.add_argument("--license", default="mit", help="license of the weights for the model card")
-    parser.add_argument("--base-model", help="Hub id of the checkpoint these weights come from, for the model card")
-    parser.add_argument(
-        "--eval-results", type=Path, nargs="*", default=[], help="results JSON files of examples/zero_shot_eval.py"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     from .processor_from_source import openai_processor
-    from .push_to_hub import publish
+    from .push_to_hub import add_publish_arguments, publish_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="OpenAI state dict (.pt/.bin/.safetensors) or TorchScript archive")
-    add_output_arguments(parser)
+    add_publish_arguments(parser)
     parser.add_argument("--bpe", type=Path, help="bpe_simple_vocab_16e6.txt.gz (default: the copy open_clip ships)")
     parser.add_argument("--allow-torchscript", action="store_true", help="load OpenAI's TorchScript .pt archives")
     args = parser.parse_args(argv)
@@ -202,18 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     model, differences = convert_and_verify(state_dict, config)
     print("max |open_clip - hf_clip|: " + json.dumps(differences))
     processor = openai_processor(config, bpe_path=args.bpe)
-    publish(
+    publish_from_args(
         model,
         processor,
-        args.output_dir,
-        base_model=args.base_model,
-        architecture=architecture,
+        args,
         source=f"OpenAI checkpoint {args.source.name}",
-        license=args.license,
-        eval_results_paths=args.eval_results,
+        architecture=architecture,
         parity=differences,
-        repo_id=args.repo_id,
-        push=args.push,
     )
 
 

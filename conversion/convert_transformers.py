@@ -183,19 +183,24 @@ def load_transformers_folder(folder: str | Path) -> tuple[CLIPModel, HfClipProce
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .convert_openai import add_output_arguments, published_architecture
-    from .push_to_hub import publish
+    from .convert_openai import published_architecture
+    from .push_to_hub import add_publish_arguments, publish_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "source", type=Path, help="a transformers CLIPModel folder (or an hf_clip one with --to-transformers)"
     )
-    add_output_arguments(parser)
+    add_publish_arguments(parser)
     parser.add_argument("--to-transformers", action="store_true", help="export an hf_clip ViT folder to CLIPModel")
     args = parser.parse_args(argv)
 
     if args.to_transformers:
         from transformers import AutoProcessor
+
+        if args.push or args.remote_code:
+            raise SystemExit(
+                "--to-transformers writes a stock CLIPModel folder; --push and --remote-code do not apply."
+            )
 
         model = HfClipModel.from_pretrained(args.source, dtype=torch.float32)
         report = export_to_transformers(model, AutoProcessor.from_pretrained(args.source), args.output_dir)
@@ -205,18 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     source_model, processor = load_transformers_folder(args.source)
     model, differences = from_transformers(source_model)
     print("max |CLIPModel - hf_clip|: " + json.dumps(differences))
-    publish(
+    publish_from_args(
         model,
         processor,
-        args.output_dir,
+        args,
         source=f"transformers CLIPModel folder {args.source.name}",
-        license=args.license,
         architecture=published_architecture(model.config),
-        base_model=args.base_model,
-        eval_results_paths=args.eval_results,
         parity=differences,
-        repo_id=args.repo_id,
-        push=args.push,
     )
 
 

@@ -127,6 +127,46 @@ def publish(
     return published
 
 
+def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every converter CLI shares: where to write, what the card says, and publishing."""
+    parser.add_argument("output_dir", type=Path, help="folder to write the hf_clip checkpoint into")
+    parser.add_argument("--push", action="store_true", help="upload the checked folder (default: list files only)")
+    parser.add_argument("--repo-id", help="Hub repository ORG/NAME (needed for --push)")
+    parser.add_argument("--remote-code", action="store_true", help="ship the modelling code (trust_remote_code)")
+    parser.add_argument("--license", default="mit", help="license of the weights, for the model card")
+    parser.add_argument("--base-model", help="Hub id of the checkpoint these weights come from, for the model card")
+    parser.add_argument("--datasets", nargs="*", default=[], help="Hub ids of the training datasets, for the card")
+    parser.add_argument(
+        "--eval-results", type=Path, nargs="*", default=[], help="results JSON files of examples/zero_shot_eval.py"
+    )
+
+
+def publish_from_args(
+    model: PreTrainedModel,
+    processor: Any,
+    args: argparse.Namespace,
+    *,
+    source: str,
+    architecture: str | None,
+    parity: Mapping[str, float],
+) -> Published:
+    return publish(
+        model,
+        processor,
+        args.output_dir,
+        source=source,
+        license=args.license,
+        architecture=architecture,
+        base_model=args.base_model,
+        datasets=args.datasets,
+        eval_results_paths=args.eval_results,
+        parity=parity,
+        repo_id=args.repo_id,
+        push=args.push,
+        remote_code=args.remote_code,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path, help="a folder written by a converter (model, processor, README.md)")
