@@ -10,7 +10,9 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .batching import trim_to_longest
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+from .fast_preprocessing import FastClipImagePreprocessor
 from .image_processing_hf_clip import HfClipImageProcessor
 from .loss import ClipLoss, clip_loss, contrastive_loss
 from .modeling_hf_clip import (
@@ -30,6 +32,7 @@ from .zero_shot import ZeroShotClassifier, build_class_embeddings
 
 __all__ = [
     "ClipLoss",
+    "FastClipImagePreprocessor",
     "HfClipConfig",
     "HfClipImageProcessor",
     "HfClipModel",
@@ -50,6 +53,7 @@ __all__ = [
     "clip_loss",
     "contrastive_loss",
     "train_clip_bpe",
+    "trim_to_longest",
 ]
 
 AutoConfig.register(HfClipConfig.model_type, HfClipConfig)
