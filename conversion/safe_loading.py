@@ -8,6 +8,7 @@ member that would land outside the target folder (`../x`, absolute paths, links)
 written.
 """
 
+import pickle
 import tarfile
 import zipfile
 from pathlib import Path
@@ -56,7 +57,7 @@ def load_torch_file(path: str | Path, allow_torchscript: bool = False) -> Any:
         return {key: value for key, value in module.state_dict().items()}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # the restricted unpickler raises UnpicklingError, RuntimeError or others
+    except pickle.UnpicklingError as error:  # what the restricted unpickler raises for anything but tensors/containers
         raise UnsafeCheckpointError(
             f"{path} cannot be loaded with torch.load(weights_only=True): it holds objects other than tensors and "
             f"plain containers, and loading it fully would run code from the file. Original error: {error}"
