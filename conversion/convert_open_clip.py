@@ -21,7 +21,7 @@ from hf_clip import HfClipConfig, HfClipModel
 
 from .checks import sub_configs
 from .convert_openai import (
-    _architecture,
+    architecture_of,
     convert_and_verify,
     convert_openai_state_dict,
     infer_openai_config,
@@ -61,10 +61,10 @@ def config_for(state_dict: StateDict, model_cfg: dict[str, Any] | None, activati
     if model_cfg is not None:
         declared = hf_clip_config_from_open_clip(model_cfg)
         inferred = infer_openai_config(state_dict, hidden_act=sub_configs(declared)[0].hidden_act)
-        if _architecture(inferred) != _architecture(declared):
+        if architecture_of(inferred) != architecture_of(declared):
             raise ValueError(
                 "the open_clip config does not describe these weights:\n"
-                f"  config:  {_architecture(declared)}\n  weights: {_architecture(inferred)}"
+                f"  config:  {architecture_of(declared)}\n  weights: {architecture_of(inferred)}"
             )
         return declared
     if activation is None:

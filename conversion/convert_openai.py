@@ -122,7 +122,7 @@ def infer_openai_config(state_dict: StateDict, hidden_act: str = "quick_gelu") -
     return HfClipConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim)
 
 
-def _architecture(config: HfClipConfig) -> dict[str, Any]:
+def architecture_of(config: HfClipConfig) -> dict[str, Any]:
     text_config, vision_config = sub_configs(config)
     vision_fields = VIT_ARCHITECTURE_FIELDS if vision_config.backbone == "vit" else RESNET_ARCHITECTURE_FIELDS
     return {
@@ -134,9 +134,9 @@ def _architecture(config: HfClipConfig) -> dict[str, Any]:
 
 def published_architecture(config: HfClipConfig) -> str | None:
     """Name of the `conversion/configs/*.json` whose architecture equals `config`'s, or None for a custom one."""
-    wanted = _architecture(config)
+    wanted = architecture_of(config)
     for path in sorted(CONFIGS_DIR.glob("*.json")):
-        if _architecture(HfClipConfig.from_json_file(path)) == wanted:
+        if architecture_of(HfClipConfig.from_json_file(path)) == wanted:
             return path.stem
     return None
 

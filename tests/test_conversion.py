@@ -28,7 +28,7 @@ from conversion.convert_open_clip import (
     load_open_clip_source,
 )
 from conversion.convert_openai import (
-    _architecture,
+    architecture_of,
     convert_and_verify,
     convert_openai_state_dict,
     infer_openai_config,
@@ -59,7 +59,7 @@ def assert_matches_open_clip(model: HfClipModel, source: CLIP) -> dict[str, floa
 def test_architecture_inferred_from_weights_equals_open_clip_config(family):
     source, model_cfg = tiny_open_clip(family)
     inferred = infer_openai_config(source.state_dict())
-    assert _architecture(inferred) == _architecture(hf_clip_config_from_open_clip(model_cfg))
+    assert architecture_of(inferred) == architecture_of(hf_clip_config_from_open_clip(model_cfg))
     assert inferred.vision_config.backbone == family
     assert published_architecture(inferred) is None  # tiny: no published file matches
 
