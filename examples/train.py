@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
 
     embedder.train()
+    train_seconds = 0.0  # time in training steps only (no evaluation, logging or checkpointing)
     while step < config.max_steps:
+        step_start = time.perf_counter()
         micro_batches = [
             to_device(next(stream), accelerator.device) for _ in range(config.gradient_accumulation_steps)
         ]
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.zero_grad(set_to_none=True)
         clamp_logit_scale_(unwrapped)
         step += 1
+        train_seconds += time.perf_counter() - step_start
         progress.update(1)
         window_steps += 1
         window_loss += loss
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                 "learning_rate": scheduler.get_last_lr()[0],
                 "logit_scale": unwrapped.logit_scale.detach().float().exp().item(),
                 "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
+                "train_seconds": train_seconds,
                 "skipped_samples": int(skipped.sum()),
                 **{f"skipped/{name}": int(n) for name, n in zip(SKIP_REASONS, skipped.tolist(), strict=True)},
             }
