@@ -5,10 +5,13 @@
   `is_causal` path: exact because padding follows each caption's EOS), and trimmed to a batch whose longest
   caption is 32 or 16 tokens (`hf_clip.batching.trim_to_longest`).
 - RN50 image tower: training step in NCHW and in channels-last memory format.
+- Whole model (ViT-B/32, the anchor batch of `benchmark.py`): forward, loss and backward of each implementation of
+  `benchmark_impls.py`, as a CPU cross-check of the GPU table (wall-clock rows are noise on a shared host).
 
 fp32, one thread, per CPU-second of this process; variants interleaved round after round, median reported.
 
     taskset -c 1 python examples/benchmark_cpu_candidates.py --text-batch 32 --image-batch 4 --rounds 3
+    taskset -c 1 python examples/benchmark_cpu_candidates.py --sections implementations --model-batch 4 --rounds 4
 """
 
 import argparse
@@ -20,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from benchmark import load_config, synthetic_batch
+from benchmark_impls import BUILDERS
 
 from hf_clip import HfClipConfig, HfClipTextModel
 from hf_clip.modeling_hf_clip import build_vision_tower
@@ -53,16 +58,7 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, 
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text-batch", type=int, default=32)
-    parser.add_argument("--image-batch", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--output", default="cpu_candidates.json")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-
+def text_candidates(args: argparse.Namespace) -> dict[str, float]:
     text_config = HfClipConfig(**json.loads((CONFIGS / "ViT-B-32.json").read_text())).text_config
     text_model = HfClipTextModel._from_config(text_config, attn_implementation="sdpa").train()
     input_ids, attention_mask = text_batch(args.text_batch, 77, 77, text_config)
@@ -82,8 +78,10 @@ def main() -> None:
         "longest 16, untrimmed (77, mask)": text_step(*short[16]),
         "longest 16, trimmed, no mask": text_step(short[16][0][:, :16], None),
     }
-    text_seconds = interleaved(text_steps, args.rounds)
+    return {k: args.text_batch / v for k, v in interleaved(text_steps, args.rounds).items()}
 
+
+def resnet_candidates(args: argparse.Namespace) -> dict[str, float]:
     resnet_config = HfClipConfig(**json.loads((CONFIGS / "RN50.json").read_text())).vision_config
     tower = build_vision_tower(resnet_config).train()
     tower_channels_last = build_vision_tower(resnet_config).train().to(memory_format=torch.channels_last)
@@ -96,13 +94,50 @@ def main() -> None:
             tower_channels_last(pixel_values=pixels_channels_last).pooler_output.sum().backward()
         ),
     }
-    image_seconds = interleaved(image_steps, args.rounds)
-    results = {
-        "load_average": os.getloadavg(),
-        "torch": torch.__version__,
-        "text_tower_samples_per_cpu_second": {k: args.text_batch / v for k, v in text_seconds.items()},
-        "rn50_tower_samples_per_cpu_second": {k: args.image_batch / v for k, v in image_seconds.items()},
-    }
+    return {k: args.image_batch / v for k, v in interleaved(image_steps, args.rounds).items()}
+
+
+def implementations(args: argparse.Namespace) -> dict[str, float]:
+    config = load_config("ViT-B-32")
+    device = torch.device("cpu")
+    pixel_values, input_ids, attention_mask = synthetic_batch(args.model_batch, config, device)
+    steps: dict[str, Callable[[], None]] = {}
+    for name in ("hf_clip", "hf_clip-plain", "transformers", "open_clip"):
+        torch.manual_seed(0)
+        impl = BUILDERS[name](config, device)
+        text = impl.prepare_text(input_ids, attention_mask)
+        pixels = impl.prepare_pixels(pixel_values)
+
+        def step(impl=impl, pixels=pixels, text=text) -> None:
+            impl.loss(pixels, *text).backward()
+            impl.model.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    return {k: args.model_batch / v for k, v in interleaved(steps, args.rounds).items()}
+
+
+SECTIONS = {
+    "text": ("text_tower_samples_per_cpu_second", text_candidates),
+    "resnet": ("rn50_tower_samples_per_cpu_second", resnet_candidates),
+    "implementations": ("vit_b32_training_samples_per_cpu_second", implementations),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="text,resnet,implementations")
+    parser.add_argument("--text-batch", type=int, default=32)
+    parser.add_argument("--image-batch", type=int, default=4)
+    parser.add_argument("--model-batch", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--output", default="cpu_candidates.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    results: dict = {"torch": torch.__version__, "load_average_before": os.getloadavg()}
+    for section in args.sections.split(","):
+        key, measure = SECTIONS[section]
+        results[key] = measure(args)
+    results["load_average_after"] = os.getloadavg()
     print(json.dumps(results, indent=2))
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -54,6 +54,10 @@ def _best_peer(rows: list[dict], kind: str, model: str, rate: str) -> float | No
     return max(rates) if rates else None
 
 
+def _rate(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def _format(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
@@ -83,7 +87,7 @@ def markdown_table(results: dict) -> str:
         tflops = row.get("tflops")
         mfu = tflops / ceiling if tflops is not None else None
         lines.append(
-            head + f"| {row[rate_key]:,.0f} | {_format(ratio, '.2f')} | {_format(tflops, '.3g')} "
+            head + f"| {_rate(row[rate_key])} | {_format(ratio, '.2f')} | {_format(tflops, '.3g')} "
             f"| {_format(mfu, '.1%')} | {_format(row.get('peak_mem_gb'), '.2f')} |"
         )
     checks = [row for row in rows if row["kind"] == "exactness"]
