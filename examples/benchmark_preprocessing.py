@@ -7,11 +7,13 @@ multi-scale colour noise, gradients, shapes and grain; quality 90) are generated
 (long side 375-1024 px) and pre-resized shards (256-px shortest side).
 
     taskset -c 0 python examples/benchmark_preprocessing.py --images 48 --rounds 5
+    python examples/benchmark_preprocessing.py --images 64 --rounds 3 --host-processes 16   # the GPU host
 """
 
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import time
@@ -127,6 +129,42 @@ def measure(sets: dict[str, list[bytes]], rounds: int) -> dict[str, dict[str, di
     return results
 
 
+def _host_worker(core: int, name: str, blobs: list[bytes], passes: int, barrier, counts) -> None:
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    fn = implementations()[name]
+    fn(blobs[0])
+    barrier.wait()
+    for _ in range(passes):
+        for data in blobs:
+            fn(data)
+    counts.put(passes * len(blobs))
+
+
+def host_throughput(sets: dict[str, list[bytes]], processes: int, passes: int) -> dict[str, dict[str, float]]:
+    """Images/s of the whole host: one process per core (cores 0..processes-1), wall clock from a common start."""
+    context = multiprocessing.get_context("fork")
+    results: dict[str, dict[str, float]] = {}
+    for set_name, blobs in sets.items():
+        results[set_name] = {}
+        for name in ("transformers CLIPImageProcessor (torchvision backend)", "hf_clip FastClipImagePreprocessor"):
+            barrier, counts = context.Barrier(processes + 1), context.Queue()
+            workers = [
+                context.Process(target=_host_worker, args=(core, name, blobs, passes, barrier, counts))
+                for core in range(processes)
+            ]
+            for worker in workers:
+                worker.start()
+            barrier.wait()
+            start = time.perf_counter()
+            total = sum(counts.get() for _ in workers)
+            elapsed = time.perf_counter() - start
+            for worker in workers:
+                worker.join()
+            results[set_name][name] = total / elapsed
+    return results
+
+
 def markdown(results: dict[str, dict[str, dict[str, float]]], info: dict) -> str:
     names = list(next(iter(results.values())))
     fast = "hf_clip FastClipImagePreprocessor"
@@ -157,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--core", type=int, default=0, help="pin to this core (-1: leave the affinity alone)")
+    parser.add_argument("--host-processes", type=int, default=0, help="also measure N pinned processes (cores 0..N-1)")
     parser.add_argument("--output", default="preprocessing_results")
     args = parser.parse_args(argv)
     if args.core >= 0:
@@ -186,10 +225,19 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
     }
     table = markdown(results, info)
+    host = host_throughput(sets, args.host_processes, args.rounds) if args.host_processes > 0 else None
+    if host is not None:
+        table += f"\nWhole host, {args.host_processes} pinned processes, images/s (wall clock):\n\n"
+        table += "\n".join(
+            f"- {set_name}: " + ", ".join(f"{n} {r:.0f}" for n, r in rates.items()) for set_name, rates in host.items()
+        )
+        table += "\n"
     print(table)
-    Path(f"{args.output}.json").write_text(json.dumps({"info": info, "images_per_s": results}, indent=2) + "\n")
+    Path(f"{args.output}.json").write_text(
+        json.dumps({"info": info, "images_per_s": results, "host_images_per_s": host}, indent=2) + "\n"
+    )
     Path(f"{args.output}.md").write_text(table)
-    return {"info": info, "images_per_s": results}
+    return {"info": info, "images_per_s": results, "host_images_per_s": host}
 
 
 if __name__ == "__main__":
