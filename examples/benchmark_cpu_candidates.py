@@ -5,6 +5,8 @@
   `is_causal` path: exact because padding follows each caption's EOS), and trimmed to a batch whose longest
   caption is 32 or 16 tokens (`hf_clip.batching.trim_to_longest`).
 - RN50 image tower: training step in NCHW and in channels-last memory format.
+- How far inductor compilation alone moves fp32 loss and gradients (tiny ViT), the scale of the benchmark's
+  exactness tolerance.
 - Whole model (ViT-B/32, the anchor batch of `benchmark.py`): forward, loss and backward of each implementation of
   `benchmark_impls.py`, as a CPU cross-check of the GPU table (wall-clock rows are noise on a shared host).
 
@@ -12,6 +14,7 @@ fp32, one thread, per CPU-second of this process; variants interleaved round aft
 
     taskset -c 1 python examples/benchmark_cpu_candidates.py --text-batch 32 --image-batch 4 --rounds 3
     taskset -c 1 python examples/benchmark_cpu_candidates.py --sections implementations --model-batch 4 --rounds 4
+    taskset -c 0 python examples/benchmark_cpu_candidates.py --sections compile
 """
 
 import argparse
@@ -116,16 +119,47 @@ def implementations(args: argparse.Namespace) -> dict[str, float]:
     return {k: args.model_batch / v for k, v in interleaved(steps, args.rounds).items()}
 
 
+def compile_deviation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """How far compiling moves fp32 loss and gradients, against eager `hf_clip-plain` (tiny ViT, inductor)."""
+    config = load_config(str(Path(__file__).resolve().parent / "benchmarks" / "tiny-vit.json"))
+    torch.manual_seed(0)
+    pixel_values, input_ids, attention_mask = synthetic_batch(4, config, torch.device("cpu"))
+
+    def loss_and_grads(name: str, compiled: bool) -> tuple[float, dict[str, torch.Tensor]]:
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        impl = BUILDERS[name](config, torch.device("cpu"))
+        loss_fn = torch.compile(impl.loss) if compiled else impl.loss
+        loss = loss_fn(impl.prepare_pixels(pixel_values), *impl.prepare_text(input_ids, attention_mask))
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in impl.model.named_parameters()}
+
+    reference_loss, reference = loss_and_grads("hf_clip-plain", compiled=False)
+    reference_flat = torch.cat([g.flatten() for g in reference.values()])
+    deviations = {}
+    for name, compiled in (("hf_clip", False), ("hf_clip-plain", True), ("hf_clip", True)):
+        loss, grads = loss_and_grads(name, compiled)
+        diff = torch.cat([(grads[k] - reference[k]).flatten() for k in reference])
+        deviations[f"{name} {'compiled' if compiled else 'eager'}"] = {
+            "loss_abs_diff": abs(loss - reference_loss),
+            "grad_rel_l2_diff": float(diff.norm() / reference_flat.norm()),
+            "grad_max_abs_diff": float(diff.abs().max()),
+            "grad_max_abs": float(reference_flat.abs().max()),
+        }
+    return deviations
+
+
 SECTIONS = {
     "text": ("text_tower_samples_per_cpu_second", text_candidates),
     "resnet": ("rn50_tower_samples_per_cpu_second", resnet_candidates),
     "implementations": ("vit_b32_training_samples_per_cpu_second", implementations),
+    "compile": ("fp32_deviation_from_eager_hf_clip_plain", compile_deviation),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", default="text,resnet,implementations")
+    parser.add_argument("--sections", default="text,resnet,implementations,compile")
     parser.add_argument("--text-batch", type=int, default=32)
     parser.add_argument("--image-batch", type=int, default=4)
     parser.add_argument("--model-batch", type=int, default=4)

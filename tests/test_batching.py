@@ -59,8 +59,10 @@ def test_trimmed_mask_free_step_matches_the_padded_masked_step(attn_implementati
     loss, grads = _loss_and_grads(model, pixel_values, input_ids, None)
     torch.testing.assert_close(loss, reference_loss, rtol=0, atol=1e-5)
     assert grads.keys() == reference_grads.keys()
+    # Embedding gradients reach |g| ~ 17 with OpenAI's init: fp32's relative 1.3e-6 (torch.testing's default) on top
+    # of the absolute 1e-5 covers the summation-order difference (about ten ulps there).
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1.3e-6, atol=1e-5, msg=name)
 
 
 def test_text_tower_calls_sdpa_without_a_mask_tensor(monkeypatch):
