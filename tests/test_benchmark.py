@@ -98,10 +98,12 @@ def test_results_files_record_environment_command_and_a_table(smoke_run):
     assert "| tiny-vit | eager | yes |" in table
 
 
+@pytest.mark.parametrize("impl_name", ["hf_clip", "hf_clip-checkpointed"])
 @pytest.mark.parametrize("model", list(TINY))
-def test_hf_clip_training_step_compiles_without_graph_breaks(model):
+def test_hf_clip_training_step_compiles_without_graph_breaks(model, impl_name):
     config = benchmark.load_config(TINY[model])
-    impl = BUILDERS["hf_clip"](config, torch.device("cpu"))
+    impl = BUILDERS[impl_name](config, torch.device("cpu"))
+    impl.model.train()  # activation checkpointing is active in training mode only
     pixel_values, input_ids, attention_mask = benchmark.synthetic_batch(4, config, torch.device("cpu"))
     input_ids, attention_mask = impl.prepare_text(input_ids, attention_mask)
     torch._dynamo.reset()
