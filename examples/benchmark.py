@@ -260,7 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, help="ceiling matmul size (default 8192 CUDA, 1024 CPU)")
     parser.add_argument("--no-encode", action="store_true")
-    parser.add_argument("--output", default="benchmark_results", help="writes OUTPUT.json and OUTPUT.md")
+    parser.add_argument(
+        "--output", default="benchmark_results", help="writes OUTPUT.jsonl (row by row), OUTPUT.json and OUTPUT.md"
+    )
     args = parser.parse_args(argv)
     for variant in args.variants.split(","):
         if variant not in ("eager", "compile"):
@@ -283,6 +285,18 @@ def main(argv: list[str] | None = None) -> dict:
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["platform"] = platform.platform()
     rows: list[dict] = []
+    # Each row is also appended to OUTPUT.jsonl as soon as it is measured (the peers' format), so a run cut short
+    # by a time limit keeps what it measured.
+    progress = Path(f"{args.output}.jsonl")
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text(json.dumps({"kind": "env", **env}) + "\n")
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with progress.open("a") as file:
+            file.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
     for arch in args.arch.split(","):
         config = load_config(arch)
         name = Path(arch).stem
@@ -292,16 +306,16 @@ def main(argv: list[str] | None = None) -> dict:
         for variant in args.variants.split(","):
             if "hf_clip" in args.impls.split(","):
                 check = run_safely(functools.partial(exactness, config, batch, variant, args))
-                rows.append({"kind": "exactness", "impl": "hf_clip", "model": name, "variant": variant, **check})
+                record({"kind": "exactness", "impl": "hf_clip", "model": name, "variant": variant, **check})
             for impl in args.impls.split(","):
                 key = {"impl": impl, "model": name, "variant": variant, "compile": variant == "compile"}
                 train = run_safely(functools.partial(train_row, impl, config, batch, variant, args))
-                rows.append({"kind": "train", **key, "bs": batch_size, **train})
+                record({"kind": "train", **key, "bs": batch_size, **train})
                 if not args.no_encode:
                     encode = run_safely(
                         functools.partial(encode_row, impl, config, args.encode_batch_size, variant, args)
                     )
-                    rows.append({"kind": "encode", **key, "bs": args.encode_batch_size, **encode})
+                    record({"kind": "encode", **key, "bs": args.encode_batch_size, **encode})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     results = {"environment": env, "rows": rows}

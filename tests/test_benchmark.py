@@ -84,6 +84,8 @@ def test_results_files_record_environment_command_and_a_table(smoke_run):
     results, output = smoke_run
     saved = json.loads(Path(f"{output}.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    progress = [json.loads(line) for line in Path(f"{output}.jsonl").read_text().splitlines()]
+    assert progress[0]["kind"] == "env" and progress[1:] == saved["rows"]
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["open_clip_torch"]
     assert env["matmul_ceiling_tflops"] > 0 and "--arch" in env["command"] and env["cpu"]
