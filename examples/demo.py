@@ -123,7 +123,7 @@ def plot(metrics: list[dict], images: np.ndarray, labels: np.ndarray, prediction
     evaluated = [m for m in metrics if "zero_shot_top1" in m]
     for key, name in (("zero_shot_top1", "one template"), ("zero_shot_top1_ensemble", "template ensemble")):
         accuracy_axis.plot([m["step"] for m in evaluated], [100 * m[key] for m in evaluated], marker="o", label=name)
-    accuracy_axis.set(xlabel="step", ylabel="zero-shot top-1 (%)", title="zero-shot accuracy (held-out test images)")
+    accuracy_axis.set(xlabel="step", ylabel="zero-shot top-1 (%)", title="zero-shot accuracy during training")
     accuracy_axis.legend()
     for cell in range(20):
         axis = figure.add_subplot(grid[2 + cell // 10, cell % 10])

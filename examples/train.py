@@ -20,16 +20,17 @@ the same hardware. Replaying decodes the skipped part of the epoch again; it cos
 """
 
 import contextlib
+import functools
 import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import TorchDynamoPlugin, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 
@@ -43,7 +44,7 @@ from train_config import (
     build_tokenizer,
     checkpoint_to_resume,
 )
-from training_data import SKIP_REASONS, ClipBatches, DataSpec, labelled_batches, load_stream
+from training_data import SKIP_REASONS, ClipBatches, DataSpec, labelled_batches, load_stream, random_crop
 from training_eval import zero_shot_accuracy
 from training_steps import (
     ClipEmbedder,
@@ -63,7 +64,7 @@ def parse_config(argv: list[str]) -> TrainConfig:
     parser = HfArgumentParser(TrainConfig)
     if argv and argv[0].endswith(".json"):
         values = json.loads(Path(argv[0]).read_text())
-        unknown = sorted(set(values) - {action.dest for action in parser._actions})
+        unknown = sorted(set(values) - {field.name for field in fields(TrainConfig)})
         if unknown:
             raise ValueError(f"{argv[0]} has fields TrainConfig does not know: {unknown}")
         parser.set_defaults(**values)
@@ -75,12 +76,13 @@ def parse_config(argv: list[str]) -> TrainConfig:
 def train_batches(
     config: TrainConfig, processor, accelerator: Accelerator
 ) -> tuple[ClipBatches, torch.utils.data.DataLoader]:
+    """This rank's batches. The DataLoader is not given to `accelerator.prepare`: `ClipBatches` already splits the
+    stream across ranks (`split_dataset_by_node`) and batches are moved to the device in the loop."""
     spec = DataSpec(config.train_data_format, config.data_files(), config.image_column, config.text_column)
-    image_processor = processor.image_processor
     batches = ClipBatches(
         load_stream(spec),
         spec,
-        image_transform=lambda image, generator: image_processor.preprocess_for_training([image], generator)[0],
+        image_transform=functools.partial(random_crop, processor.image_processor),
         tokenizer=processor.tokenizer,
         batch_size=config.per_device_batch_size,
         seed=config.seed,
@@ -127,6 +129,9 @@ class DataCursor:
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
+    if not is_tensorboard_available():
+        # Accelerate would only warn and log nothing.
+        raise ImportError("train.py logs to tensorboard: `pip install tensorboard` (the `train` extra).")
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.torch_compile else None,
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("fp16 autocast does not run on CPU (it would silently train in fp32); use bf16 or no.")
     set_seed(config.seed)
     logger.info("%s", accelerator.state)
 

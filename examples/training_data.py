@@ -81,6 +81,11 @@ def image_bytes(value: Any) -> bytes | None:
     return value if isinstance(value, (bytes, bytearray)) and value else None
 
 
+def random_crop(image_processor: Any, image: Any, generator: torch.Generator) -> torch.Tensor:
+    """The paper's training augmentation for one image: resize, then a random square crop (`HfClipImageProcessor`)."""
+    return image_processor.preprocess_for_training([image], generator)[0]
+
+
 def sample_seed(*parts: int) -> int:
     """One 63-bit seed from several integers (a polynomial hash: stable across processes and runs)."""
     seed = 0

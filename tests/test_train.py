@@ -21,7 +21,7 @@ from hf_clip import ClipLoss, HfClipImageProcessor, HfClipModel, HfClipTokenizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
-from train_config import TrainConfig  # noqa: E402
+from train_config import TrainConfig, resolve_model_config  # noqa: E402
 from training_data import SKIP_REASONS, ClipBatches, DataSpec, load_stream  # noqa: E402
 from training_steps import (  # noqa: E402
     ClipEmbedder,
@@ -224,6 +224,8 @@ def test_cached_accumulation_equals_one_large_batch():
 
 
 def test_fsdp_wraps_the_layers_the_model_names():
+    """What FSDP needs from us, checked without GPUs: accelerate 1.15 runs FSDP only on accelerators (with
+    ACCELERATE_USE_CPU it falls back to MULTI_CPU data parallel), so a 2-process CPU FSDP launch is not possible."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     embedder = ClipEmbedder(HfClipModel(tiny_config()))
@@ -286,8 +288,11 @@ def test_two_process_run_reports_skips_and_logs(full_run):
     records = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     last = records[-1]
-    # 2 ranks × 4 steps × 2 micro-batches × 3 = 48 samples drawn from 48 (5 damaged per shard, 3 of them unusable).
-    assert last["skipped_samples"] >= 1 and last["skipped_samples"] == sum(last[f"skipped/{r}"] for r in SKIP_REASONS)
+    # Each rank reads one shard of 24 samples (2 undecodable images and 1 empty caption; grayscale and CMYK train)
+    # and needs 4 steps × 2 micro-batches × 3 = 24 usable ones: it passes its whole shard and starts a second epoch.
+    assert last["skipped/bad_image"] >= 2 * 2 and last["skipped/empty_caption"] >= 2 * 1
+    assert last["skipped/missing_field"] == last["skipped/broken_shard"] == 0
+    assert last["skipped_samples"] == sum(last[f"skipped/{reason}"] for reason in SKIP_REASONS)
     assert 0.0 <= last["zero_shot_top1"] <= 1.0 and "zero_shot_top1_ensemble" in last
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -323,3 +328,28 @@ def test_resume_is_bitwise_exact(run_setup, full_run):
     assert not torch.equal(early["model.logit_scale"], uninterrupted["logit_scale"]) or not torch.equal(
         early["model.text_projection.weight"], uninterrupted["text_projection.weight"]
     )
+
+
+def test_config_from_json_with_command_line_overrides(tmp_path):
+    from train import parse_config
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_config": "ViT-B-32", "max_steps": 7, "templates": ["a {c}", "the {c}"]}))
+    config = parse_config([str(path), "--max_steps", "9"])
+    assert (config.model_config, config.max_steps, config.templates) == ("ViT-B-32", 9, ["a {c}", "the {c}"])
+    path.write_text(json.dumps({"model_config": "ViT-B-32", "max_step": 7}))
+    with pytest.raises(ValueError, match="max_step"):
+        parse_config([str(path)])
+    with pytest.raises(FileNotFoundError, match="ViT-B-32"):  # the error lists the known names
+        resolve_model_config("no-such-model")
+
+
+def test_fine_tune_from_the_saved_folder(full_run, shards, tmp_path):
+    """`model_name_or_path`: weights, tokenizer and image size come from the folder; one in-process step."""
+    from train import main
+
+    arguments = ["--model_name_or_path", str(full_run / "model"), "--output_dir", str(tmp_path), "--warmup_steps", "0"]
+    main([*arguments, "--train_data_files", *shards, "--per_device_batch_size", "3", "--max_steps", "1"])
+    tuned, start = (HfClipModel.from_pretrained(path) for path in (tmp_path / "model", full_run / "model"))
+    assert tuned.config.to_dict()["text_config"] == start.config.to_dict()["text_config"]
+    assert not torch.equal(tuned.text_projection.weight, start.text_projection.weight)
