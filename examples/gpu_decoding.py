@@ -1,10 +1,11 @@
 """Training-time JPEG decoding and CLIP preprocessing on the GPU (optional; needs torchvision).
 
 On one H100 with 16 cores the exact CPU path cannot feed ViT-B/32 training (DESIGN §12), so for training the
-JPEG bytes go to the device: `torchvision.io.decode_jpeg(device="cuda")` (nvJPEG), then an antialiased bicubic
-resize of the shortest side, a crop (centre, or random for the paper's augmentation), rescale and normalise, all
-in torch. This is close to, not equal to, the exact path: torch's antialiased bicubic keeps the horizontal pass
-in float where PIL rounds it to 8 bits, uses float instead of fixed-point weights, and nvJPEG's IDCT and chroma
+JPEG bytes go to the device: `torchvision.io.decode_jpeg(device="cuda")` (nvJPEG; the EXIF orientation, which
+nvJPEG ignores, is read from the header and applied in torch), then an antialiased bicubic resize of the shortest
+side, a crop (centre, or random for the paper's augmentation), rescale and normalise, all in torch. This is close
+to, not equal to, the exact path: torch's antialiased bicubic keeps the horizontal pass in float where PIL rounds
+it to 8 bits, uses float instead of fixed-point weights, and nvJPEG's IDCT and chroma
 upsampling differ from libjpeg-turbo's. Evaluation stays on the exact path (`HfClipImageProcessor` or
 `hf_clip.fast_preprocessing.FastClipImagePreprocessor`).
 
@@ -13,17 +14,46 @@ upsampling differ from libjpeg-turbo's. Evaluation stays on the exact path (`HfC
 """
 
 import argparse
+import io
 import json
 import statistics
 import time
 
+import numpy as np
+import PIL.Image
 import torch
 import torchvision
 from torch.nn import functional as F
 from torchvision.io import ImageReadMode
 
+ORIENTATION_TAG = 0x0112
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def exif_orientation(jpeg: bytes) -> int:
+    """The EXIF orientation tag (1 = upright) from the header, without decoding the pixels."""
+    with PIL.Image.open(io.BytesIO(jpeg)) as image:
+        return int(image.getexif().get(ORIENTATION_TAG, 1))
+
+
+def upright(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation to a (C, H, W) tensor as `PIL.ImageOps.exif_transpose` does."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return image.rot90(-1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return image.rot90(1, dims=(-2, -1))
+    return image
 
 
 def decode_and_preprocess(
@@ -40,7 +70,9 @@ def decode_and_preprocess(
     levels as PIL's output is, so the remaining difference is the resampling arithmetic and the decoder.
     """
     data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
-    images = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    # nvJPEG ignores `apply_exif_orientation`, so the tag is read from the header here and applied in torch.
+    decoded = torchvision.io.decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    images = [upright(image, exif_orientation(jpeg)) for image, jpeg in zip(decoded, jpegs, strict=True)]
     mean = torch.tensor(OPENAI_CLIP_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(OPENAI_CLIP_STD, device=device).view(3, 1, 1)
     batch = torch.empty(len(images), 3, crop_size, crop_size, device=device)
@@ -64,11 +96,6 @@ def decode_and_preprocess(
 
 def difference_from_exact_path(jpegs: list[bytes], device: torch.device) -> dict[str, float]:
     """Max and mean |difference| from HfClipImageProcessor, in normalised units and in 8-bit levels."""
-    import io
-
-    import numpy as np
-    import PIL.Image
-
     from hf_clip.image_processing_hf_clip import HfClipImageProcessor
 
     processor = HfClipImageProcessor()
