@@ -160,7 +160,8 @@ def export_to_transformers(model: HfClipModel, processor: Any, folder: str | Pat
     clip_processor = to_transformers_processor(processor)
     exported.save_pretrained(folder)
     clip_processor.save_pretrained(folder)
-    report = check_folder_loads(folder, exported, mode="transformers", processor=clip_processor)
+    # The clean process must reproduce the hf_clip model itself, not only the in-memory CLIPModel.
+    report = check_folder_loads(folder, model, mode="transformers", processor=clip_processor)
     report["export_differences"] = differences
     return report
 
