@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("webdataset", "parquet", "imagefolder")
 SKIP_REASONS = ("bad_image", "empty_caption", "missing_field", "broken_shard")
+MAX_NAMED_SKIPS = 20  # per worker and pass; later skips are logged at DEBUG level
 
 
 @dataclass
@@ -130,6 +132,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
+        self._skips_logged = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -138,6 +141,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
+        self._skips_logged = 0
         images: list[torch.Tensor] = []
         captions: list[str] = []
         skipped: Counter[str] = Counter()
@@ -179,13 +183,16 @@ class ClipBatches(torch.utils.data.IterableDataset):
             return self._skip(skipped, "empty_caption", key, "empty caption")
         try:
             pixel_values = self.image_transform(load_image_bytes(data, name=str(key)), generator)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
             return self._skip(skipped, "bad_image", key, str(error))
         return pixel_values, caption.strip()
 
     def _skip(self, skipped: Counter, reason: str, key: str, detail: str) -> None:
         skipped[reason] += 1
-        logger.warning("rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
+        self._skips_logged += 1
+        # Name the first few (enough to find a bad shard); the counts reach the logs with every batch anyway.
+        level = logging.WARNING if self._skips_logged <= MAX_NAMED_SKIPS else logging.DEBUG
+        logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
         return None
 
     def _collate(self, images: list[torch.Tensor], captions: list[str], skipped: Counter) -> dict[str, torch.Tensor]:
