@@ -105,11 +105,6 @@ class HfClipVisionConfig(PreTrainedConfig):
                     f"a ResNet downsamples by 32: image_size ({self.image_size}) must be a multiple of 32."
                 )
 
-    @property
-    def feature_size(self) -> int:
-        """Width of the pooled image feature before the projection."""
-        return self.hidden_size if self.backbone == "vit" else self.width * 32
-
 
 @strict
 class HfClipConfig(PreTrainedConfig):

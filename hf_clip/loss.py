@@ -95,6 +95,9 @@ class ClipLoss(nn.Module):
                 f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be "
                 "matching (local batch, dim) matrices."
             )
+        # Under mixed precision the embeddings arrive in bf16/fp16; the logits and cross-entropy need fp32 (as
+        # autocast gives open_clip's loss). Batch × dim tensors: the cast is cheap.
+        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
         rank, world_size = _distributed_world()
         local_batch = image_embeds.shape[0]
         if world_size > 1:

@@ -134,21 +134,26 @@ class HfClipEncoder(nn.Module):
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """Returns (last hidden state, hidden states: the input then every layer's output, attention maps)."""
-        all_hidden_states: tuple[torch.Tensor, ...] = (hidden_states,)
-        all_attentions: tuple[torch.Tensor, ...] = ()
+        # Collected only on request: kept references would hold every layer's activations alive under no_grad.
+        all_hidden_states: tuple[torch.Tensor, ...] | None = (hidden_states,) if output_hidden_states else None
+        all_attentions: tuple[torch.Tensor, ...] | None = () if output_attentions else None
         for layer in self.layers:
             hidden_states, attn_weights = layer(hidden_states, attention_mask)
-            all_hidden_states += (hidden_states,)
-            if output_attentions and attn_weights is not None:
+            if all_hidden_states is not None:
+                all_hidden_states += (hidden_states,)
+            if all_attentions is not None and attn_weights is not None:
                 all_attentions += (attn_weights,)
-        return (
-            hidden_states,
-            all_hidden_states if output_hidden_states else None,
-            all_attentions if output_attentions else None,
+        return hidden_states, all_hidden_states, all_attentions
+
+
+def check_pixel_values(
+    pixel_values: torch.Tensor, num_channels: int, image_size: int, interpolate_pos_encoding: bool
+) -> None:
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"pixel_values must be (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
         )
-
-
-def check_image_size(height: int, width: int, image_size: int, interpolate_pos_encoding: bool) -> None:
+    height, width = pixel_values.shape[-2:]
     if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
         raise ValueError(
             f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "

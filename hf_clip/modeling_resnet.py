@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipPreTrainedModel, check_image_size, eager_attention_forward, tower_output
+from .modeling_layers import HfClipPreTrainedModel, check_pixel_values, eager_attention_forward, tower_output
 
 # Channels of a bottleneck's output relative to its inner width.
 EXPANSION = 4
@@ -221,13 +221,7 @@ class HfClipResNetModel(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if pixel_values is None:
             raise ValueError("the image tower needs `pixel_values`.")
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(
-                f"pixel_values must be (batch, {self.config.num_channels}, height, width), "
-                f"got {tuple(pixel_values.shape)}."
-            )
-        height, width = pixel_values.shape[-2:]
-        check_image_size(height, width, self.config.image_size, interpolate_pos_encoding)
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding)
         output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )

@@ -76,7 +76,7 @@ class HfClipTextModel(HfClipPreTrainedModel):
             output_attentions, output_hidden_states, return_dict
         )
         input_ids = input_ids.view(-1, input_ids.shape[-1])
-        eos_positions = self.first_eos_positions(input_ids)
+        eos_positions = self.first_eos_positions(input_ids, attention_mask)
 
         hidden_states = self.embeddings(input_ids, position_ids)
         # Without padding the module's `is_causal` does the masking, so sdpa and flash kernels see no mask tensor.
@@ -91,15 +91,28 @@ class HfClipTextModel(HfClipPreTrainedModel):
 
         return tower_output(last_hidden_state, pooled_output, hidden_states_all, attentions, return_dict)
 
-    def first_eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Index of each row's first EOS token; a row without one is an input error, not a silent wrong pooling."""
+    def first_eos_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Index of each row's first attended EOS token (EOS used as left padding is masked out, not pooled)."""
         is_eos = torch.eq(input_ids, self.config.eos_token_id)
-        # The check reads a value back from the device, so a compiled graph skips it.
+        if attention_mask is not None:
+            is_eos = is_eos & attention_mask.view(input_ids.shape).bool()
+        # The checks read values back from the device, so a compiled graph skips them.
+        if not torch.compiler.is_compiling():
+            self.check_input_ids(input_ids, is_eos)
+        return is_eos.int().argmax(dim=-1)
+
+    def check_input_ids(self, input_ids: torch.Tensor, is_eos: torch.Tensor) -> None:
+        """Clear errors for ids the embedding cannot look up and for rows the tower cannot pool."""
+        vocab_size = self.config.vocab_size
+        if bool((input_ids < 0).any() | (input_ids >= vocab_size).any()):
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {vocab_size}) (min {int(input_ids.min())}, max "
+                f"{int(input_ids.max())}); the tokenizer does not match this model."
+            )
         has_eos = is_eos.any(dim=-1)
-        if not torch.compiler.is_compiling() and not bool(has_eos.all()):
+        if not bool(has_eos.all()):
             rows = torch.nonzero(~has_eos).flatten().tolist()
             raise ValueError(
-                f"input_ids rows {rows} contain no end-of-text token (id {self.config.eos_token_id}); the text "
-                "tower pools at the first one. Tokenize with the model's tokenizer."
+                f"input_ids rows {rows} contain no attended end-of-text token (id {self.config.eos_token_id}); the "
+                "text tower pools at the first one. Tokenize with the model's tokenizer."
             )
-        return is_eos.int().argmax(dim=-1)

@@ -6,7 +6,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, check_image_size, tower_output
+from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, check_pixel_values, tower_output
 
 
 class HfClipVisionEmbeddings(nn.Module):
@@ -40,7 +40,6 @@ class HfClipVisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
-        check_image_size(height, width, self.image_size, interpolate_pos_encoding)
         at_training_size = height == self.image_size and width == self.image_size
         patch_embeds = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
         patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
@@ -89,6 +88,7 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         if pixel_values is None:
             raise ValueError("the image tower needs `pixel_values`.")
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding)
         output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )

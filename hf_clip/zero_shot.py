@@ -80,6 +80,14 @@ def encode_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _check_names(names: Sequence[str], what: str) -> None:
+    # A bare string is a Sequence[str] too: it would silently become one class (or template) per character.
+    if isinstance(names, str):
+        raise TypeError(f"`{what}` must be a list of strings, got the single string {names!r}.")
+    if not names:
+        raise ValueError(f"`{what}` is empty.")
+
+
 def build_class_embeddings(
     model: nn.Module,
     tokenizer: Callable[..., Any],
@@ -94,10 +102,8 @@ def build_class_embeddings(
     memory does not grow with the number of classes. `progress(n)` is called with the number of classes done per
     group.
     """
-    if not class_names:
-        raise ValueError("`class_names` is empty.")
-    if not templates:
-        raise ValueError("`templates` is empty.")
+    _check_names(class_names, "class_names")
+    _check_names(templates, "templates")
     classes_per_batch = max(1, texts_per_batch // len(templates))
     class_embeddings = []
     for start in range(0, len(class_names), classes_per_batch):
@@ -124,6 +130,7 @@ class ZeroShotClassifier:
         templates: Sequence[str] = (),
         logit_scale: float = 100.0,
     ):
+        _check_names(class_names, "class_names")
         if class_embeddings.ndim != 2 or class_embeddings.shape[0] != len(class_names):
             raise ValueError(
                 f"class_embeddings must be (num_classes={len(class_names)}, dim); got {tuple(class_embeddings.shape)}."

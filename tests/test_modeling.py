@@ -228,7 +228,7 @@ def test_single_tower_models_equal_the_joint_model() -> None:
 def test_text_without_eos_raises() -> None:
     inputs = tiny_inputs()
     inputs["input_ids"][1, :] = 5
-    with pytest.raises(ValueError, match=r"rows \[1\] contain no end-of-text token \(id 98\)"):
+    with pytest.raises(ValueError, match=r"rows \[1\] contain no attended end-of-text token \(id 98\)"):
         tiny_model()(**inputs)
 
 
