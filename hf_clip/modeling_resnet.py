@@ -7,7 +7,8 @@ mapping only moves the stem into `stem`, names the downsample parts and renames 
 
 Gradient checkpointing recomputes each bottleneck in the backward pass; in training mode its BatchNorm layers then
 update their running statistics a second time (as in every checkpointed BatchNorm network, timm's included). Loss and
-gradients are unchanged; the running averages move with an effective momentum of about 0.19 instead of 0.1.
+gradients are unchanged; the running averages move with an effective momentum of about 0.19 instead of 0.1. The same
+holds for the training script's feature-cached gradient accumulation, which runs each micro-batch forward twice.
 """
 
 import math
