@@ -147,8 +147,11 @@ class HfClipEncoder(nn.Module):
 
 
 def check_pixel_values(
-    pixel_values: torch.Tensor, num_channels: int, image_size: int, interpolate_pos_encoding: bool
-) -> None:
+    pixel_values: torch.Tensor | None, num_channels: int, image_size: int, interpolate_pos_encoding: bool
+) -> torch.Tensor:
+    """The image towers' input check; returns the tensor so the caller keeps a non-optional type."""
+    if pixel_values is None:
+        raise ValueError("the image tower needs `pixel_values`.")
     if pixel_values.dim() != 4 or pixel_values.shape[1] != num_channels:
         raise ValueError(
             f"pixel_values must be (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
@@ -159,6 +162,7 @@ def check_pixel_values(
             f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
             "pass interpolate_pos_encoding=True to run at another resolution."
         )
+    return pixel_values
 
 
 def tower_output(

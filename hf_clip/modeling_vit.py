@@ -86,9 +86,9 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
-        if pixel_values is None:
-            raise ValueError("the image tower needs `pixel_values`.")
-        check_pixel_values(pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding)
+        pixel_values = check_pixel_values(
+            pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding
+        )
         output_attentions, output_hidden_states, return_dict = self.output_flags(
             output_attentions, output_hidden_states, return_dict
         )
