@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import CLIPConfig
 
 from hf_clip import HfClipConfig
 
@@ -41,6 +42,12 @@ def tiny_config(vision: dict | None = None, **overrides) -> HfClipConfig:
     return HfClipConfig(
         text_config=dict(TINY_TEXT), vision_config=dict(vision or TINY_VIT), projection_dim=16, **overrides
     )
+
+
+def tiny_clip_config() -> CLIPConfig:
+    """transformers' CLIPConfig with the same tiny architecture as `tiny_config()` (the reference for parity)."""
+    vision_config = {key: value for key, value in TINY_VIT.items() if key != "backbone"}
+    return CLIPConfig(text_config=dict(TINY_TEXT), vision_config=vision_config, projection_dim=16)
 
 
 def random_text(batch_size: int, seq_len: int, lengths: list[int] | None = None, seed: int = 0) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, tiny_config
+from conftest import TINY_TEXT, TINY_VIT, tiny_clip_config, tiny_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import CLIPConfig, CLIPModel
 
@@ -55,7 +55,7 @@ def test_published_config_parameter_count(name: str) -> None:
 
 
 def test_config_from_transformers_clip_config_builds_the_same_architecture() -> None:
-    clip_config = CLIPConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VIT), projection_dim=16)
+    clip_config = tiny_clip_config()
     config = HfClipConfig.from_dict(clip_config.to_dict())
     assert config.model_type == config.to_dict()["model_type"] == "hf_clip"
     assert config.text_config.model_type == "hf_clip_text_model"

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_clip_config
 from conversion_helpers import (
     randomize_,
     save_hub_folder,
@@ -149,31 +150,8 @@ def test_leftover_keys_are_an_error():
 
 @pytest.fixture(scope="module")
 def tiny_transformers_clip() -> CLIPModel:
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": 99,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 16,
-            "bos_token_id": 97,
-            "eos_token_id": 98,
-            "projection_dim": 16,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-            "projection_dim": 16,
-        },
-        projection_dim=16,
-    )
     torch.manual_seed(0)
-    return randomize_(CLIPModel(config))
+    return randomize_(CLIPModel(tiny_clip_config()))
 
 
 def test_transformers_round_trip_is_exact(tiny_transformers_clip):

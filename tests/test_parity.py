@@ -9,10 +9,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, random_text, tiny_config
+from conftest import TINY_TEXT, TINY_VIT, random_text, tiny_clip_config, tiny_config
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPModel
 
 from conversion.key_mappings import OPENAI_METADATA_KEYS, hf_clip_to_openai, openai_to_hf_clip
 from hf_clip import HfClipConfig, HfClipModel
@@ -43,7 +43,7 @@ def transformers_pair(attn_implementation: str) -> tuple[HfClipModel, CLIPModel]
     torch.manual_seed(0)
     model = HfClipModel(tiny_config())
     perturb_parameters(model)
-    reference = CLIPModel(CLIPConfig(text_config=dict(TINY_TEXT), vision_config=dict(TINY_VIT), projection_dim=16))
+    reference = CLIPModel(tiny_clip_config())
     reference.load_state_dict(model.state_dict(), strict=True)
     model.set_attn_implementation(attn_implementation)
     reference.set_attn_implementation(attn_implementation)

@@ -9,6 +9,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -124,7 +125,6 @@ def test_webdataset_stream_skips_and_counts_damaged_samples(shards, tokenizer):
 
 
 def test_parquet_and_imagefolder_with_rgba_and_palette(tmp_path, tokenizer):
-    datasets = pytest.importorskip("datasets")
     images = [colour_image(i, mode) for i, mode in enumerate(["RGBA", "P", "LA", "RGB", "RGB", "RGB"])]
     encoded_images = [{"bytes": encoded(image, "PNG"), "path": None} for image in images[:5]]
     encoded_images.insert(2, {"bytes": encoded(images[5], "PNG")[:40], "path": None})  # a cut-off PNG

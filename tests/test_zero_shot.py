@@ -8,10 +8,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, tiny_config
+from conftest import TINY_TEXT, TINY_VIT, tiny_clip_config, tiny_config
 from PIL import Image
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, pipeline
+from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, pipeline
 
 from hf_clip import HfClipModel, ZeroShotClassifier, build_class_embeddings
 from hf_clip.pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK
@@ -41,13 +41,7 @@ def tiny_models(seed: int = 0) -> tuple[HfClipModel, CLIPModel]:
     """A tiny HfClipModel and a transformers CLIPModel holding the same weights."""
     torch.manual_seed(seed)
     model = HfClipModel(tiny_config()).eval()
-    config = model.config
-    clip_config = CLIPConfig(
-        text_config={k: v for k, v in config.text_config.to_dict().items() if k in TINY_TEXT or k == "hidden_act"},
-        vision_config={k: v for k, v in config.vision_config.to_dict().items() if k in TINY_VIT and k != "backbone"},
-        projection_dim=config.projection_dim,
-    )
-    reference = CLIPModel(clip_config).eval()
+    reference = CLIPModel(tiny_clip_config()).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
     return model, reference
 
