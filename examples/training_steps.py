@@ -32,6 +32,10 @@ class ClipEmbedder(nn.Module):
 
     Training goes through this forward only, so DDP's gradient hooks and FSDP's parameter gathering see every use of
     the weights (including `logit_scale`). Pass images, text or both; the missing side comes back as `None`.
+
+    The training steps pass no attention mask: captions are padded after their EOS, and the causal text tower pools
+    at the EOS, so the mask cannot change the loss; without it sdpa runs its `is_causal` kernel on an unmaterialised
+    mask (`tests/test_batching.py` checks loss and gradients against the masked step).
     """
 
     def __init__(self, model: HfClipModel):
@@ -92,9 +96,7 @@ def clamp_logit_scale_(model: HfClipModel) -> None:
 
 
 def plain_loss(embedder: nn.Module, loss_fn: ClipLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    image_embeds, text_embeds, logit_scale = embedder(
-        batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-    )
+    image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], batch["input_ids"])
     return loss_fn(image_embeds, text_embeds, logit_scale)
 
 
@@ -112,7 +114,7 @@ def cached_accumulation_backward(
     `lambda: accelerator.no_sync(model)`) skips DDP's gradient all-reduce on all but the last micro-batch.
     """
     with torch.no_grad():
-        cached = [embedder(b["pixel_values"], b["input_ids"], b["attention_mask"])[:2] for b in micro_batches]
+        cached = [embedder(b["pixel_values"], b["input_ids"])[:2] for b in micro_batches]
     cached_images = [image for image, _ in cached]
     cached_texts = [text for _, text in cached]
     loss = torch.zeros(())
@@ -120,9 +122,7 @@ def cached_accumulation_backward(
         last = index == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with context:
-            image_embeds, text_embeds, logit_scale = embedder(
-                batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
-            )
+            image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], batch["input_ids"])
             images = torch.cat([*cached_images[:index], image_embeds, *cached_images[index + 1 :]])
             texts = torch.cat([*cached_texts[:index], text_embeds, *cached_texts[index + 1 :]])
             # The temperature's gradient must be counted once, not once per micro-batch: on the last one, whose
