@@ -104,15 +104,18 @@ class HfClipTextModel(HfClipPreTrainedModel):
     def check_input_ids(self, input_ids: torch.Tensor, is_eos: torch.Tensor) -> None:
         """Clear errors for ids the embedding cannot look up and for rows the tower cannot pool."""
         vocab_size = self.config.vocab_size
-        if bool((input_ids < 0).any() | (input_ids >= vocab_size).any()):
+        out_of_vocabulary = ((input_ids < 0) | (input_ids >= vocab_size)).any()
+        rows_without_eos = ~is_eos.any(dim=-1)
+        # One read-back from the device on the common, valid path.
+        if not bool(out_of_vocabulary | rows_without_eos.any()):
+            return
+        if bool(out_of_vocabulary):
             raise ValueError(
                 f"input_ids hold ids outside the vocabulary [0, {vocab_size}) (min {int(input_ids.min())}, max "
                 f"{int(input_ids.max())}); the tokenizer does not match this model."
             )
-        has_eos = is_eos.any(dim=-1)
-        if not bool(has_eos.all()):
-            rows = torch.nonzero(~has_eos).flatten().tolist()
-            raise ValueError(
-                f"input_ids rows {rows} contain no attended end-of-text token (id {self.config.eos_token_id}); the "
-                "text tower pools at the first one. Tokenize with the model's tokenizer."
-            )
+        rows = torch.nonzero(rows_without_eos).flatten().tolist()
+        raise ValueError(
+            f"input_ids rows {rows} contain no attended end-of-text token (id {self.config.eos_token_id}); the "
+            "text tower pools at the first one. Tokenize with the model's tokenizer."
+        )
