@@ -46,12 +46,6 @@ def test_vit_rejects_badly_shaped_pixels(model, shape):
         model.get_image_features(torch.zeros(shape))
 
 
-def test_hidden_states_are_only_returned_on_request(model):
-    with torch.no_grad():
-        outputs = model.get_image_features(torch.zeros(1, 3, 32, 32), output_hidden_states=False)
-    assert outputs.hidden_states is None
-
-
 def test_clip_loss_computes_in_float32_from_half_precision_embeddings():
     generator = torch.Generator().manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(64, 32, generator=generator), dim=-1).bfloat16()
