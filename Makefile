@@ -28,7 +28,7 @@ style: install
 quality: install
 	$(PY) -m ruff check $(CHECKED)
 	$(PY) -m ruff format --check $(CHECKED)
-	$(PY) -m mypy hf_clip conversion
+	$(PY) -m mypy hf_clip conversion examples
 
 test: quality
 	$(PY) -m pytest -n 2 --durations=15 -q

@@ -10,9 +10,9 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .batching import trim_to_longest
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
-from .fast_preprocessing import FastClipImagePreprocessor
+from .data.fast_preprocessing import FastClipImagePreprocessor
+from .data.text_batching import trim_to_longest
 from .image_processing_hf_clip import HfClipImageProcessor
 from .loss import ClipLoss, clip_loss, contrastive_loss
 from .modeling_hf_clip import (

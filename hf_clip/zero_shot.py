@@ -17,6 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .modeling_hf_clip import LOGIT_SCALE_MAX
+
+# The largest multiplier exp(logit_scale) can reach, computed as the model computes it (float32).
+MAX_LOGIT_SCALE = float(torch.tensor(LOGIT_SCALE_MAX).exp())
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 CLASSIFIER_CONFIG_FILE = "zero_shot_classifier.json"
 # Placeholders understood in templates: clip-benchmark's "{c}" and transformers' "{}".
@@ -42,11 +46,12 @@ def pooled_features(output: Any) -> torch.Tensor:
 
 
 def model_logit_scale(model: nn.Module) -> float:
-    """The model's temperature exp(logit_scale), clamped at 100 as in training; 100 for models without one."""
+    """The model's temperature exp(logit_scale) under hf_clip's cap (the paper's 100); the cap for models without
+    one."""
     logit_scale = getattr(model, "logit_scale", None)
     if logit_scale is None:
-        return 100.0
-    return float(logit_scale.detach().float().exp().clamp(max=100.0))
+        return MAX_LOGIT_SCALE
+    return float(logit_scale.detach().float().clamp(max=LOGIT_SCALE_MAX).exp())
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -128,7 +133,7 @@ class ZeroShotClassifier:
         class_embeddings: torch.Tensor,
         class_names: Sequence[str],
         templates: Sequence[str] = (),
-        logit_scale: float = 100.0,
+        logit_scale: float = MAX_LOGIT_SCALE,
     ):
         _check_names(class_names, "class_names")
         if class_embeddings.ndim != 2 or class_embeddings.shape[0] != len(class_names):

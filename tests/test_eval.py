@@ -16,22 +16,21 @@ import torch
 from accelerate import Accelerator
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from PIL import Image as PILImage
-from test_zero_shot import tiny_clip_tokenizer, tiny_image_processor, tiny_models
 from transformers import HfArgumentParser
 
-from hf_clip import HfClipModel, ZeroShotClassifier
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-from eval_metrics import (  # noqa: E402
+from hf_clip import HfClipImageProcessor, HfClipModel, ZeroShotClassifier
+from hf_clip.evaluation.data import IndexedImages, clip_benchmark_list
+from hf_clip.evaluation.metrics import (
     linear_probe,
     mean_per_class_recall,
     retrieval_recall_at_k,
     select_weight_decay,
     top_k_accuracy,
 )
-from zero_shot_eval import EvalConfig, clip_benchmark_list, evaluate_model, gather_in_order  # noqa: E402
+from hf_clip.evaluation.runner import EvalConfig, evaluate_model, gather_in_order
+from hf_clip.testing_utils import tiny_clip_tokenizer, tiny_image_processor, tiny_models
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 KS = (1, 5, 10)
 
@@ -350,3 +349,16 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_evaluation_images_reach_the_model_through_the_processor_input_policy():
+    """No conversion of its own on the way: a transparent image is composited onto white by the processor, as the
+    pipeline and training see it (a `.convert("RGB")` first would drop the alpha and show the hidden colour)."""
+    hidden_red = PILImage.new("RGBA", (40, 36), (255, 0, 0, 0))
+    features = Features({"image": Image(), "label": ClassLabel(names=["thing"])})
+    dataset = Dataset.from_dict({"image": [hidden_red], "label": [0]}, features=features)
+    sample = IndexedImages(dataset, "image", "label")[0]
+    processor = HfClipImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pixel_values = processor(images=[sample["image"]], return_tensors="pt")["pixel_values"]
+    white = processor(images=[PILImage.new("RGB", (40, 36), (255, 255, 255))], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixel_values, white)

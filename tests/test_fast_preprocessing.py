@@ -7,8 +7,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from PIL import ExifTags
 
-from hf_clip.fast_preprocessing import FastClipImagePreprocessor
+from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
 from hf_clip.image_processing_hf_clip import HfClipImageProcessor
 
 
@@ -65,7 +66,7 @@ def test_other_modes_exif_rotation_and_input_kinds_follow_the_processor_policy(p
     rng = np.random.default_rng(2)
     rgb = _picture(260, 330, rng)
     exif = PIL.Image.Exif()
-    exif[0x0112] = 6  # rotate 90° on display
+    exif[ExifTags.Base.Orientation] = 6  # rotate 90° on display
     rgba = rgb.convert("RGBA")
     rgba.putalpha(PIL.Image.fromarray(rng.integers(0, 256, (330, 260), dtype=np.uint8)))
     sources = [

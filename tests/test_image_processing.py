@@ -12,6 +12,7 @@ import open_clip
 import PIL.Image
 import pytest
 import torch
+from PIL import ExifTags
 from transformers import AutoImageProcessor, CLIPImageProcessorPil
 
 from hf_clip import HfClipImageProcessor
@@ -137,7 +138,7 @@ def test_one_pixel_image_is_upsampled_uniformly(processor, reference):
 def test_exif_orientation_is_applied(processor):
     upright = noise_image(300, 240)  # EXIF orientation 6: stored rotated, displayed after a 90° clockwise turn
     exif = PIL.Image.Exif()
-    exif[0x0112] = 6
+    exif[ExifTags.Base.Orientation] = 6
     encoded = io.BytesIO()
     upright.save(encoded, format="PNG", exif=exif)
     tagged = PIL.Image.open(io.BytesIO(encoded.getvalue()))

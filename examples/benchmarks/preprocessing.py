@@ -6,8 +6,8 @@ from other processes on a shared host hits them alike; the median round counts. 
 multi-scale colour noise, gradients, shapes and grain; quality 90) are generated in memory from a seed: web sizes
 (long side 375-1024 px) and pre-resized shards (256-px shortest side).
 
-    taskset -c 0 python examples/benchmark_preprocessing.py --images 48 --rounds 5
-    python examples/benchmark_preprocessing.py --images 64 --rounds 3 --host-processes 16   # the GPU host
+    taskset -c 0 python examples/benchmarks/preprocessing.py --images 48 --rounds 5
+    python examples/benchmarks/preprocessing.py --images 64 --rounds 3 --host-processes 16   # the GPU host
 """
 
 import argparse
@@ -20,61 +20,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
-from hf_clip.fast_preprocessing import FastClipImagePreprocessor
-from hf_clip.image_processing_hf_clip import HfClipImageProcessor
-
-ASPECTS = (1.0, 5 / 4, 4 / 3, 3 / 2, 16 / 9)
-
-
-def photo_like(width: int, height: int, rng: np.random.Generator) -> PIL.Image.Image:
-    """A synthetic photograph: 1/f-weighted smooth colour noise, a lighting gradient, flat shapes and sensor grain."""
-    image = np.zeros((height, width, 3), np.float32)
-    for cells, weight in ((2, 1.0), (4, 0.6), (8, 0.35), (16, 0.2), (48, 0.12), (128, 0.06)):
-        grid = (rng.random((cells, max(2, cells * width // height), 3)) * 255).astype(np.uint8)
-        layer = PIL.Image.fromarray(grid).resize((width, height), PIL.Image.Resampling.BICUBIC)
-        image += weight * (np.asarray(layer, np.float32) - 127.5)
-    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32)
-    angle = rng.random() * 2 * np.pi
-    image += (np.cos(angle) * cols / width + np.sin(angle) * rows / height)[..., None] * rng.normal(0, 60, 3)
-    image = image * 0.8 + 127.5 + rng.normal(0, 4, image.shape)
-    picture = PIL.Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
-    draw = PIL.ImageDraw.Draw(picture)
-    for _ in range(int(rng.integers(3, 9))):
-        left, top = int(rng.integers(0, width)), int(rng.integers(0, height))
-        box = (left, top, left + int(rng.integers(10, width // 2)), top + int(rng.integers(10, height // 2)))
-        draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return picture
-
-
-def jpeg_bytes(image: PIL.Image.Image, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def web_size(rng: np.random.Generator) -> tuple[int, int]:
-    long_side = int(rng.integers(375, 1025))
-    short_side = max(64, int(long_side / ASPECTS[int(rng.integers(len(ASPECTS)))]))
-    return (long_side, short_side) if rng.random() < 0.7 else (short_side, long_side)
-
-
-def make_jpegs(count: int, seed: int = 0) -> dict[str, list[bytes]]:
-    """`count` web-size JPEGs and the same pictures re-encoded with a 256-px shortest side."""
-    rng = np.random.default_rng(seed)
-    web, shards = [], []
-    for _ in range(count):
-        picture = photo_like(*web_size(rng), rng)
-        web.append(jpeg_bytes(picture))
-        scale = 256 / min(picture.size)
-        small = picture.resize((round(picture.width * scale), round(picture.height * scale)), PIL.Image.BICUBIC)
-        shards.append(jpeg_bytes(small))
-    return {"web sizes (375-1024 px)": web, "pre-resized (256-px shortest side)": shards}
+from hf_clip import FastClipImagePreprocessor, HfClipImageProcessor
+from hf_clip.synthetic import photo_jpegs
 
 
 def implementations() -> dict[str, Callable[[bytes], object]]:
@@ -201,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.core >= 0:
         os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)
-    sets = make_jpegs(args.images)
+    sets = photo_jpegs(args.images)
     load_before = os.getloadavg()
     results = measure(sets, args.rounds)
     info = {

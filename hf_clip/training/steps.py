@@ -1,5 +1,4 @@
-"""Model-side pieces of `examples/train.py`: the embedding wrapper, the paper's optimizer, and the two accumulation
-modes.
+"""Model-side pieces of a training step: the embedding wrapper, the paper's optimizer, and the two accumulation modes.
 
 Accumulation over m micro-batches, two ways:
 
@@ -14,15 +13,15 @@ Accumulation over m micro-batches, two ways:
 """
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from hf_clip import ClipLoss, HfClipModel
+from ..loss import ClipLoss
+from ..modeling_hf_clip import LOGIT_SCALE_MAX, HfClipModel
 
-LOGIT_SCALE_MAX = math.log(100)
 # The paper's Adam settings per image-tower family (β2, ε).
 ADAM_SETTINGS = {"vit": (0.98, 1e-6), "resnet": (0.999, 1e-8)}
 
@@ -35,7 +34,7 @@ class ClipEmbedder(nn.Module):
 
     The training steps pass no attention mask: captions are padded after their EOS, and the causal text tower pools
     at the EOS, so the mask cannot change the loss; without it sdpa runs its `is_causal` kernel on an unmaterialised
-    mask (`tests/test_batching.py` checks loss and gradients against the masked step).
+    mask (`tests/test_text_batching.py` checks loss and gradients against the masked step).
     """
 
     def __init__(self, model: HfClipModel):
@@ -54,17 +53,19 @@ class ClipEmbedder(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         image_embeds = text_embeds = None
         if pixel_values is not None:
-            image_embeds = nn.functional.normalize(self.model.get_image_features(pixel_values).pooler_output, dim=-1)
+            image_features = cast(torch.Tensor, self.model.get_image_features(pixel_values).pooler_output)
+            image_embeds = nn.functional.normalize(image_features, dim=-1)
         if input_ids is not None:
-            text_features = self.model.get_text_features(input_ids, attention_mask=attention_mask).pooler_output
-            text_embeds = nn.functional.normalize(text_features, dim=-1)
+            text_output = self.model.get_text_features(input_ids, attention_mask=attention_mask)
+            text_embeds = nn.functional.normalize(cast(torch.Tensor, text_output.pooler_output), dim=-1)
         logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         return image_embeds, text_embeds, logit_scale
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices and embeddings; never gains, biases or `logit_scale` (every parameter with < 2 dims)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
@@ -80,7 +81,7 @@ def build_optimizer(
     epsilon: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay) with the paper's β2 / ε for the model's image tower unless overridden."""
-    default_beta2, default_epsilon = ADAM_SETTINGS[model.config.vision_config.backbone]
+    default_beta2, default_epsilon = ADAM_SETTINGS[model.config.tower_configs()[1].backbone]
     return torch.optim.AdamW(
         parameter_groups(model, weight_decay),
         lr=learning_rate,

@@ -20,16 +20,30 @@ from typing import Any, cast
 import numpy as np
 import PIL.Image
 import torch
-from PIL import ImageOps
+from PIL import ExifTags, ImageOps
 
-from .image_processing_hf_clip import HfClipImageProcessor, decoded, load_image_bytes, to_rgb
+from ..image_processing_hf_clip import HfClipImageProcessor, decoded, load_image_bytes, to_rgb
 
-ORIENTATION_TAG = 0x0112
 ImageSource = PIL.Image.Image | bytes | bytearray | str | os.PathLike
 
 
 def _size_field(size: Any, key: str) -> int | None:
     return getattr(size, key, None) if not isinstance(size, dict) else size.get(key)
+
+
+def default_pipeline_geometry(processor: HfClipImageProcessor) -> tuple[int, int, int]:
+    """`(shortest_edge, crop_height, crop_width)` of a processor running the default pipeline (resize the shortest
+    side, crop, rescale, normalise); raises for any other configuration, which the fast paths do not implement."""
+    flags = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
+    if not all(getattr(processor, flag) for flag in flags) or getattr(processor, "do_pad", False):
+        raise ValueError(f"the fast paths implement the default pipeline only ({', '.join(flags)} all on).")
+    shortest_edge = _size_field(processor.size, "shortest_edge")
+    height, width = _size_field(processor.crop_size, "height"), _size_field(processor.crop_size, "width")
+    if shortest_edge is None or height is None or width is None:
+        raise ValueError("the fast paths need size={'shortest_edge': n} and crop_size={'height', 'width'}.")
+    if max(height, width) > shortest_edge:
+        raise ValueError(f"crop {height}x{width} larger than the resized shortest edge {shortest_edge}.")
+    return shortest_edge, height, width
 
 
 class FastClipImagePreprocessor:
@@ -39,18 +53,8 @@ class FastClipImagePreprocessor:
     """
 
     def __init__(self, processor: HfClipImageProcessor):
-        flags = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
-        if not all(getattr(processor, flag) for flag in flags) or getattr(processor, "do_pad", False):
-            raise ValueError(f"the fast path implements the default pipeline only ({', '.join(flags)} all on).")
-        shortest_edge = _size_field(processor.size, "shortest_edge")
-        height, width = _size_field(processor.crop_size, "height"), _size_field(processor.crop_size, "width")
-        if shortest_edge is None or height is None or width is None:
-            raise ValueError("the fast path needs size={'shortest_edge': n} and crop_size={'height', 'width'}.")
-        if max(height, width) > shortest_edge:
-            raise ValueError(f"crop {height}x{width} larger than the resized shortest edge {shortest_edge}.")
         self.processor = processor
-        self.shortest_edge = shortest_edge
-        self.crop_height, self.crop_width = height, width
+        self.shortest_edge, self.crop_height, self.crop_width = default_pipeline_geometry(processor)
         self.resample = PIL.Image.Resampling(int(processor.resample))
         # The processor's own float32 arithmetic on every 8-bit value, per channel: (3, 256).
         ramp = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 1, 256))
@@ -67,7 +71,7 @@ class FastClipImagePreprocessor:
             image = decoded(image)
         else:
             raise TypeError(f"expected a PIL image, encoded bytes or a file path, got {type(image).__name__}.")
-        if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
         if image.mode != "RGB" or "transparency" in image.info:
             image = to_rgb(image)

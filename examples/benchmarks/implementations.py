@@ -1,12 +1,12 @@
 """The implementations `benchmark.py` times, all built from one hf_clip config so they do the same math.
 
 - `hf_clip`: hf_clip's training path: the text batch trimmed to its longest caption with the padding mask left out
-  (`hf_clip.batching.trim_to_longest`, done on the data-loader side), channels-last ResNets on CUDA.
+  (`hf_clip.data.text_batching.trim_to_longest`, done on the data-loader side), channels-last ResNets on CUDA.
 - `hf_clip-checkpointed`: `hf_clip` with activation checkpointing (opt-in: memory for larger batches).
 - `hf_clip-plain`: the same model called exactly as transformers' `CLIPModel` is (77 tokens, padding mask, NCHW):
   the unoptimised reference the exactness check compares against.
 - `transformers`: `transformers.CLIPModel` with sdpa attention (ViT only: transformers has no ResNet CLIP).
-- `open_clip`: `open_clip.CLIP` with QuickGELU and open_clip's `ClipLoss`, as `../shared/bench/anchor_gpu.py` runs it.
+- `open_clip`: `open_clip.CLIP` with QuickGELU and open_clip's `ClipLoss`, as the peers' anchor figures were taken.
 """
 
 import importlib.util
@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from hf_clip import HfClipConfig, HfClipModel
-from hf_clip.batching import trim_to_longest
+from hf_clip.data.text_batching import trim_to_longest
+from hf_clip.foreign_configs import open_clip_model_cfg, transformers_clip_config
 
 # Loss of one batch: (pixel_values, input_ids, attention_mask or None) -> scalar.
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -62,7 +63,8 @@ def build_hf_clip(
     if checkpointing:
         # Recompute each encoder layer / ResNet block in the backward pass: activations of one layer at a time.
         model.activation_checkpointing_enable()
-    resnet_channels_last = optimised and config.vision_config.backbone == "resnet" and device.type == "cuda"
+    backbone = config.tower_configs()[1].backbone
+    resnet_channels_last = optimised and backbone == "resnet" and device.type == "cuda"
     if resnet_channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
 
@@ -85,39 +87,11 @@ def build_hf_clip(
 
 
 def build_transformers(config: HfClipConfig, device: torch.device) -> Implementation:
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    text, vision = config.text_config, config.vision_config
-    if vision.backbone != "vit":
+    if config.tower_configs()[1].backbone != "vit":
         raise ImplementationUnavailable("transformers' CLIPModel has no ResNet image tower")
-    clip_config = CLIPConfig(
-        text_config={
-            "vocab_size": text.vocab_size,
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "num_attention_heads": text.num_attention_heads,
-            "num_hidden_layers": text.num_hidden_layers,
-            "max_position_embeddings": text.max_position_embeddings,
-            "hidden_act": text.hidden_act,
-            "layer_norm_eps": text.layer_norm_eps,
-            "bos_token_id": text.bos_token_id,
-            "eos_token_id": text.eos_token_id,
-            "pad_token_id": text.pad_token_id,
-        },
-        vision_config={
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_attention_heads": vision.num_attention_heads,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-            "hidden_act": vision.hidden_act,
-            "layer_norm_eps": vision.layer_norm_eps,
-        },
-        projection_dim=config.projection_dim,
-    )
-    clip_config._attn_implementation = "sdpa"
-    model = CLIPModel(clip_config).to(device)
+    model = CLIPModel._from_config(transformers_clip_config(config), attn_implementation="sdpa").to(device)
 
     def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return model(
@@ -135,34 +109,8 @@ def build_open_clip(config: HfClipConfig, device: torch.device) -> Implementatio
         raise ImplementationUnavailable("open_clip is not installed (pip install open_clip_torch)")
     import open_clip
     from open_clip.loss import ClipLoss
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    text, vision = config.text_config, config.vision_config
-    if vision.backbone == "vit":
-        vision_cfg = CLIPVisionCfg(
-            layers=vision.num_hidden_layers,
-            width=vision.hidden_size,
-            head_width=vision.hidden_size // vision.num_attention_heads,
-            mlp_ratio=vision.intermediate_size / vision.hidden_size,
-            patch_size=vision.patch_size,
-            image_size=vision.image_size,
-        )
-    else:
-        vision_cfg = CLIPVisionCfg(
-            layers=tuple(vision.layers),
-            width=vision.width,
-            head_width=vision.width * 32 // vision.num_attention_heads,
-            image_size=vision.image_size,
-        )
-    text_cfg = CLIPTextCfg(
-        context_length=text.max_position_embeddings,
-        vocab_size=text.vocab_size,
-        width=text.hidden_size,
-        heads=text.num_attention_heads,
-        layers=text.num_hidden_layers,
-        mlp_ratio=text.intermediate_size / text.hidden_size,
-    )
-    model = open_clip.CLIP(config.projection_dim, vision_cfg, text_cfg, quick_gelu=True, output_dict=True).to(device)
+    model = open_clip.CLIP(**open_clip_model_cfg(config), output_dict=True).to(device)
     clip_loss = ClipLoss()
 
     def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

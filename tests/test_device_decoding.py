@@ -1,22 +1,18 @@
-"""examples/gpu_decoding.py, run on CPU: EXIF orientation as PIL applies it, and pixels within a few 8-bit levels
+"""hf_clip.data.device_decoding, run on CPU: EXIF orientation as PIL applies it, and pixels within a few 8-bit levels
 of the exact path (same crop offsets for evaluation and for training crops)."""
 
 import io
-import sys
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 import torchvision
+from PIL import ExifTags
 from torchvision.io import ImageReadMode
 
-from hf_clip.image_processing_hf_clip import HfClipImageProcessor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from gpu_decoding import OPENAI_CLIP_STD, decode_and_preprocess, upright
+from hf_clip import HfClipImageProcessor
+from hf_clip.data.device_decoding import DeviceImagePreprocessor, upright
 
 
 def _jpeg(width: int, height: int, seed: int, orientation: int = 1) -> bytes:
@@ -24,7 +20,7 @@ def _jpeg(width: int, height: int, seed: int, orientation: int = 1) -> bytes:
     coarse = (rng.random((5, 5, 3)) * 255).astype(np.uint8)
     picture = PIL.Image.fromarray(coarse).resize((width, height), PIL.Image.Resampling.BICUBIC)
     exif = PIL.Image.Exif()
-    exif[0x0112] = orientation
+    exif[ExifTags.Base.Orientation] = orientation
     buffer = io.BytesIO()
     picture.save(buffer, "JPEG", quality=90, exif=exif.tobytes())
     return buffer.getvalue()
@@ -32,7 +28,7 @@ def _jpeg(width: int, height: int, seed: int, orientation: int = 1) -> bytes:
 
 def _levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| of normalised pixels, in 8-bit levels."""
-    return (a - b).abs() * torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1) * 255
+    return (a - b).abs() * torch.tensor(HfClipImageProcessor.image_std).view(1, 3, 1, 1) * 255
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -50,7 +46,7 @@ def test_centre_crops_are_within_a_few_levels_of_the_exact_path():
     jpegs = [_jpeg(w, h, seed) for seed, (w, h) in enumerate([(320, 240), (240, 400), (224, 224), (500, 231)])]
     jpegs.append(_jpeg(300, 260, seed=9, orientation=6))
     exact = HfClipImageProcessor()([PIL.Image.open(io.BytesIO(j)) for j in jpegs], return_tensors="pt")["pixel_values"]
-    approximate = decode_and_preprocess(jpegs, "cpu")
+    approximate = DeviceImagePreprocessor(HfClipImageProcessor(), "cpu")(jpegs)
     assert approximate.shape == exact.shape and approximate.dtype == torch.float32
     levels = _levels(approximate, exact)
     # Resampling arithmetic only: a shifted crop, a missed rotation or wrong statistics would be tens of levels.
@@ -61,5 +57,29 @@ def test_random_crops_draw_the_offsets_the_exact_training_path_draws():
     jpegs = [_jpeg(w, h, seed) for seed, (w, h) in enumerate([(480, 240), (240, 480), (300, 301)])]
     images = [PIL.Image.open(io.BytesIO(j)) for j in jpegs]
     exact = HfClipImageProcessor().preprocess_for_training(images, torch.Generator().manual_seed(3))
-    approximate = decode_and_preprocess(jpegs, "cpu", generator=torch.Generator().manual_seed(3))
+    approximate = DeviceImagePreprocessor(HfClipImageProcessor(), "cpu").preprocess_for_training(
+        jpegs, torch.Generator().manual_seed(3)
+    )
     assert _levels(approximate, exact).max() <= 4.5
+
+
+def test_sizes_mean_and_std_come_from_the_processor():
+    """A 64-px processor with other statistics: the device path follows it (nothing hard-coded to OpenAI's 224)."""
+    processor = HfClipImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 48},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.25, 0.25, 0.25],
+    )
+    jpegs = [_jpeg(w, h, seed) for seed, (w, h) in enumerate([(320, 240), (240, 400)])]
+    exact = processor([PIL.Image.open(io.BytesIO(j)) for j in jpegs], return_tensors="pt")["pixel_values"]
+    approximate = DeviceImagePreprocessor(processor, "cpu")(jpegs)
+    assert approximate.shape == exact.shape == (2, 3, 64, 48)
+    assert ((approximate - exact).abs() * 0.25 * 255).max() <= 4.5
+
+
+def test_configurations_the_device_path_does_not_implement_are_refused():
+    with pytest.raises(ValueError, match="bicubic"):
+        DeviceImagePreprocessor(HfClipImageProcessor(resample=PIL.Image.Resampling.BILINEAR), "cpu")
+    with pytest.raises(ValueError, match="default pipeline"):
+        DeviceImagePreprocessor(HfClipImageProcessor(do_center_crop=False), "cpu")

@@ -1,4 +1,4 @@
-"""Image–caption data for `examples/train.py`: `datasets` streaming, per-rank and per-worker splits, skip-and-count.
+"""Image–caption data for training: `datasets` streaming, per-rank and per-worker splits, skip-and-count.
 
 Sources (all read with `datasets.load_dataset(..., streaming=True)`, offline on local files):
 
@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
 
-from hf_clip.image_processing_hf_clip import load_image_bytes
+from ..image_processing_hf_clip import load_image_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def load_stream(spec: DataSpec) -> datasets.IterableDataset:
     return dataset
 
 
-def image_bytes(value: Any) -> bytes | None:
+def image_bytes(value: Any) -> bytes | bytearray | None:
     """Encoded image bytes from a `{"bytes", "path"}` struct or raw bytes; `None` when absent."""
     if isinstance(value, dict):
         if value.get("bytes"):
@@ -178,13 +178,16 @@ class ClipBatches(torch.utils.data.IterableDataset):
         caption = example.get(self.spec.text_column)
         data = image_bytes(example.get(self.spec.image_column))
         if data is None or caption is None:
-            return self._skip(skipped, "missing_field", key, "no image or no caption")
+            self._skip(skipped, "missing_field", key, "no image or no caption")
+            return None
         if not isinstance(caption, str) or not caption.strip():
-            return self._skip(skipped, "empty_caption", key, "empty caption")
+            self._skip(skipped, "empty_caption", key, "empty caption")
+            return None
         try:
             pixel_values = self.image_transform(load_image_bytes(data, name=str(key)), generator)
         except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
-            return self._skip(skipped, "bad_image", key, str(error))
+            self._skip(skipped, "bad_image", key, str(error))
+            return None
         return pixel_values, caption.strip()
 
     def _skip(self, skipped: Counter, reason: str, key: str, detail: str) -> None:
@@ -193,7 +196,6 @@ class ClipBatches(torch.utils.data.IterableDataset):
         # Name the first few (enough to find a bad shard); the counts reach the logs with every batch anyway.
         level = logging.WARNING if self._skips_logged <= MAX_NAMED_SKIPS else logging.DEBUG
         logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
-        return None
 
     def _collate(self, images: list[torch.Tensor], captions: list[str], skipped: Counter) -> dict[str, torch.Tensor]:
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")

@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from hf_clip.zero_shot import build_class_embeddings
+from ..zero_shot import build_class_embeddings
 
 
 class _TextFeatures(nn.Module):
@@ -40,12 +40,13 @@ def zero_shot_accuracy(
     num_batches = int(accelerator.gather(torch.tensor([len(batches)], device=accelerator.device)).max())
     counts = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # correct, total
     for index in range(num_batches):
+        labels: torch.Tensor | None
         if index < len(batches):
             pixel_values, labels = batches[index]
-        else:  # padding call: keeps FSDP's collectives in step, counts nothing
-            pixel_values, labels = batches[0][0][:1] if batches else None, None
-            if pixel_values is None:
-                continue
+        elif batches:  # padding call: keeps FSDP's collectives in step, counts nothing
+            pixel_values, labels = batches[0][0][:1], None
+        else:
+            continue
         image_embeds = embedder(pixel_values=pixel_values.to(accelerator.device))[0].float()
         if labels is None:
             continue

@@ -8,13 +8,13 @@
 - How far inductor compilation alone moves fp32 loss and gradients (tiny ViT), the scale of the benchmark's
   exactness tolerance.
 - Whole model (ViT-B/32, the anchor batch of `benchmark.py`): forward, loss and backward of each implementation of
-  `benchmark_impls.py`, as a CPU cross-check of the GPU table (wall-clock rows are noise on a shared host).
+  `implementations.py`, as a CPU cross-check of the GPU table (wall-clock rows are noise on a shared host).
 
 fp32, one thread, per CPU-second of this process; variants interleaved round after round, median reported.
 
-    taskset -c 1 python examples/benchmark_cpu_candidates.py --text-batch 32 --image-batch 4 --rounds 3
-    taskset -c 1 python examples/benchmark_cpu_candidates.py --sections implementations --model-batch 4 --rounds 4
-    taskset -c 0 python examples/benchmark_cpu_candidates.py --sections compile
+    taskset -c 1 python examples/benchmarks/cpu_candidates.py --text-batch 32 --image-batch 4 --rounds 3
+    taskset -c 1 python examples/benchmarks/cpu_candidates.py --sections implementations --model-batch 4 --rounds 4
+    taskset -c 0 python examples/benchmarks/cpu_candidates.py --sections compile
 """
 
 import argparse
@@ -27,25 +27,25 @@ from pathlib import Path
 
 import torch
 from benchmark import load_config, synthetic_batch
-from benchmark_impls import BUILDERS
+from implementations import BUILDERS
 
 from hf_clip import HfClipConfig, HfClipTextModel
 from hf_clip.modeling_hf_clip import build_vision_tower
-
-CONFIGS = Path(__file__).resolve().parent.parent / "conversion" / "configs"
+from hf_clip.synthetic import random_captions
 
 
 def text_batch(batch_size: int, longest: int, context: int, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Captions of 5..`longest` tokens (BOS ... EOS), zero-padded to `context`."""
-    generator = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, longest + 1, (batch_size,), generator=generator)
-    lengths[0] = longest
-    positions = torch.arange(context)[None]
-    input_ids = torch.randint(1, config.bos_token_id - 1, (batch_size, context), generator=generator)
-    input_ids[:, 0] = config.bos_token_id
-    input_ids = torch.where(positions == lengths[:, None] - 1, config.eos_token_id, input_ids)
-    input_ids = torch.where(positions >= lengths[:, None], 0, input_ids)
-    return input_ids, (positions < lengths[:, None]).long()
+    """Captions of 5..`longest` tokens (BOS ... EOS), one of them `longest`, zero-padded to `context`."""
+    return random_captions(
+        batch_size,
+        context,
+        config.bos_token_id,
+        config.eos_token_id,
+        min_length=5,
+        max_length=longest,
+        include_longest=True,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
@@ -62,7 +62,7 @@ def interleaved(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str, 
 
 
 def text_candidates(args: argparse.Namespace) -> dict[str, float]:
-    text_config = HfClipConfig(**json.loads((CONFIGS / "ViT-B-32.json").read_text())).text_config
+    text_config = HfClipConfig.from_architecture("ViT-B-32").tower_configs()[0]
     text_model = HfClipTextModel._from_config(text_config, attn_implementation="sdpa").train()
     input_ids, attention_mask = text_batch(args.text_batch, 77, 77, text_config)
     short = {n: text_batch(args.text_batch, n, 77, text_config) for n in (32, 16)}
@@ -85,7 +85,7 @@ def text_candidates(args: argparse.Namespace) -> dict[str, float]:
 
 
 def resnet_candidates(args: argparse.Namespace) -> dict[str, float]:
-    resnet_config = HfClipConfig(**json.loads((CONFIGS / "RN50.json").read_text())).vision_config
+    resnet_config = HfClipConfig.from_architecture("RN50").tower_configs()[1]
     tower = build_vision_tower(resnet_config).train()
     tower_channels_last = build_vision_tower(resnet_config).train().to(memory_format=torch.channels_last)
     tower_channels_last.load_state_dict(tower.state_dict())
@@ -121,7 +121,7 @@ def implementations(args: argparse.Namespace) -> dict[str, float]:
 
 def compile_deviation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """How far compiling moves fp32 loss and gradients, against eager `hf_clip-plain` (tiny ViT, inductor)."""
-    config = load_config(str(Path(__file__).resolve().parent / "benchmarks" / "tiny-vit.json"))
+    config = load_config(str(Path(__file__).resolve().parent / "tiny-vit.json"))
     torch.manual_seed(0)
     pixel_values, input_ids, attention_mask = synthetic_batch(4, config, torch.device("cpu"))
 
@@ -132,7 +132,8 @@ def compile_deviation(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         loss_fn = torch.compile(impl.loss) if compiled else impl.loss
         loss = loss_fn(impl.prepare_pixels(pixel_values), *impl.prepare_text(input_ids, attention_mask))
         loss.backward()
-        return float(loss.detach()), {n: p.grad.clone() for n, p in impl.model.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in impl.model.named_parameters() if p.grad is not None}
+        return float(loss.detach()), grads
 
     reference_loss, reference = loss_and_grads("hf_clip-plain", compiled=False)
     reference_flat = torch.cat([g.flatten() for g in reference.values()])

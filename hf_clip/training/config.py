@@ -1,17 +1,20 @@
-"""`TrainConfig` for `examples/train.py`, and building the model, tokenizer and processor it names."""
+"""`TrainConfig`, the one dataclass of a training run, its parsing (JSON file and/or command line), and building the
+model, tokenizer and processor it names."""
 
 import glob
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
+from transformers.hf_argparser import DataClassType
 
-from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipModel, HfClipProcessor, HfClipTokenizer
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_FOLDERS = (REPO_ROOT / "conversion" / "configs", REPO_ROOT / "examples" / "configs")
+from ..configuration_hf_clip import HfClipConfig
+from ..image_processing_hf_clip import HfClipImageProcessor
+from ..modeling_hf_clip import HfClipModel
+from ..processing_hf_clip import HfClipProcessor
+from ..tokenization_hf_clip import HfClipTokenizer
 
 
 @dataclass
@@ -22,7 +25,7 @@ class TrainConfig:
     # Model: from scratch (`model_config`) or from a saved folder (`model_name_or_path`).
     model_config: str | None = field(
         default=None,
-        metadata={"help": "Architecture: a name in conversion/configs or examples/configs, or a JSON path."},
+        metadata={"help": "Architecture: a published name (e.g. ViT-B-32) or an HfClipConfig JSON file."},
     )
     model_name_or_path: str | None = field(default=None, metadata={"help": "A saved HfClipModel folder to fine-tune."})
     tokenizer_name_or_path: str | None = field(
@@ -98,39 +101,58 @@ class TrainConfig:
         return files
 
 
-def resolve_model_config(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix == ".json" and path.is_file():
-        return path
-    for folder in CONFIG_FOLDERS:
-        if (folder / f"{name_or_path}.json").is_file():
-            return folder / f"{name_or_path}.json"
-    known = sorted(p.stem for folder in CONFIG_FOLDERS for p in folder.glob("*.json"))
-    raise FileNotFoundError(f"model_config {name_or_path!r} is neither a JSON file nor one of {known}.")
+def parse_config(argv: list[str]) -> TrainConfig:
+    """`[config.json] [--field value ...]`: the JSON gives defaults, the command line overrides them.
+
+    A relative `model_config` JSON path inside the file is read relative to the file, so a run config and its
+    architecture can sit side by side."""
+    parser = HfArgumentParser(DataClassType(TrainConfig))
+    if argv and argv[0].endswith(".json"):
+        config_file = Path(argv[0])
+        values = json.loads(config_file.read_text())
+        unknown = sorted(set(values) - {field.name for field in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"{config_file} has fields TrainConfig does not know: {unknown}")
+        model_config = values.get("model_config")
+        if isinstance(model_config, str) and model_config.endswith(".json") and not Path(model_config).is_absolute():
+            values["model_config"] = str(config_file.parent / model_config)
+        parser.set_defaults(**values)
+        argv = argv[1:]
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
 
 
-def build_tokenizer(config: TrainConfig) -> HfClipTokenizer:
+def build_tokenizer(config: TrainConfig) -> TokenizersBackend:
+    """The saved tokenizer of `tokenizer_name_or_path` (else of the model folder), or OpenAI's BPE for a new model."""
     source = config.tokenizer_name_or_path or config.model_name_or_path
     if source is None:
         return HfClipTokenizer.from_clip_bpe()
-    return AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not isinstance(tokenizer, TokenizersBackend):
+        raise TypeError(f"{source} holds a {type(tokenizer).__name__}; CLIP needs a byte-level BPE tokenizer.")
+    return tokenizer
 
 
-def architecture(config: TrainConfig, tokenizer: HfClipTokenizer) -> HfClipConfig:
+def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipConfig:
     """The model's configuration; from scratch, the text vocabulary and special ids come from the tokenizer."""
     if config.model_name_or_path is not None:
         return HfClipConfig.from_pretrained(config.model_name_or_path)
-    values = json.loads(resolve_model_config(str(config.model_config)).read_text())
+    name_or_path = str(config.model_config)
+    if name_or_path.endswith(".json"):
+        values = json.loads(Path(name_or_path).read_text())
+    else:
+        values = HfClipConfig.from_architecture(name_or_path).to_dict()
     values["text_config"].update(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
     )
     return HfClipConfig.from_dict(values)
 
 
-def build_processor(config: TrainConfig, model_config: HfClipConfig, tokenizer: HfClipTokenizer) -> HfClipProcessor:
+def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) -> HfClipProcessor:
     """The tokenizer (truncating at the text tower's context length) and an image processor at its resolution."""
-    tokenizer.model_max_length = min(tokenizer.model_max_length, model_config.text_config.max_position_embeddings)
-    size = model_config.vision_config.image_size
+    text_config, vision_config = model_config.tower_configs()
+    tokenizer.model_max_length = min(tokenizer.model_max_length, text_config.max_position_embeddings)
+    size = vision_config.image_size
     image_processor = HfClipImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
@@ -140,18 +162,3 @@ def build_model(config: TrainConfig, model_config: HfClipConfig) -> HfClipModel:
     if config.model_name_or_path is not None:
         return HfClipModel.from_pretrained(config.model_name_or_path, dtype=torch.float32)
     return HfClipModel(model_config)
-
-
-def checkpoint_to_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """`None`, a checkpoint folder, or `latest`: the highest step under `output_dir/checkpoints`."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
-        if not checkpoints:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}.")
-        return checkpoints[-1]
-    path = Path(resume)
-    if not (path / "training_state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint written by train.py (no training_state.json).")
-    return path

@@ -1,13 +1,14 @@
 """Training-step and image-encoding throughput of hf_clip beside transformers' CLIPModel and open_clip, in one run.
 
-The measuring method is `../shared/bench/anchor_gpu.py`'s, so rows sit beside the peers' anchors (DESIGN §12):
-random weights, the same synthetic batch for every implementation (random pixels, 77-token captions of 5-75 tokens
-with zero padding), bf16 autocast and fused AdamW on CUDA (fp32 and plain AdamW on CPU), median of `--steps` timed
-steps after `--warmup`, FLOPs of forward + loss + backward from `FlopCounterMode`, MFU against a measured matmul
-ceiling (bf16 8192² on CUDA, fp32 on CPU), peak memory (CUDA: allocated; CPU: process peak RSS above the start).
+The measuring method is the one the peers' GPU anchor figures were taken with (`docs/performance.md`), so rows sit
+beside them: random weights, the same synthetic batch for every implementation (random pixels, 77-token captions
+with EOS at a random position 5-75, zero padding), bf16 autocast and fused AdamW on CUDA (fp32 and plain AdamW on
+CPU), median of `--steps` timed steps after `--warmup`, FLOPs of forward + loss + backward from `FlopCounterMode`,
+MFU against a measured matmul ceiling (bf16 8192² on CUDA, fp32 on CPU), peak memory (CUDA: allocated; CPU:
+process peak RSS above the start).
 
-    python examples/benchmark.py --device cuda --arch ViT-B-32 --batch-size 512 --variants eager,compile
-    python examples/benchmark.py --device cpu --arch examples/benchmarks/tiny-vit.json --batch-size 8 --steps 3
+    python examples/benchmarks/benchmark.py --device cuda --arch ViT-B-32 --batch-size 512 --variants eager,compile
+    python examples/benchmarks/benchmark.py --device cpu --arch examples/benchmarks/tiny-vit.json --batch-size 8
 
 Before timing, the optimised hf_clip step's loss and gradients are compared with the unoptimised path
 (`hf_clip-plain`, eager): on CPU in fp32 the loss within 1e-5 and the gradients within 1e-5 relative L2; under
@@ -28,14 +29,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from benchmark_impls import BUILDERS, Implementation, ImplementationUnavailable
-from benchmark_report import environment, markdown_table, write_results
+from implementations import BUILDERS, Implementation, ImplementationUnavailable
+from report import environment, markdown_table, write_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_clip import HfClipConfig
+from hf_clip.synthetic import random_captions
 
-REPO = Path(__file__).resolve().parent.parent
-# The peers' batch sizes (DESIGN §12).
+# The batch sizes of the peers' anchor figures.
 DEFAULT_BATCH = {"ViT-B-32": 512, "ViT-B-16": 256, "ViT-L-14": 128, "RN50": 256}
 BF16_RTOL = 1.6e-2  # torch.testing's default relative tolerance for bfloat16
 # fp32: loss within 1e-5 and all gradients within 1e-5 in relative L2 norm. Compiling alone (inductor reorders
@@ -44,35 +45,29 @@ FP32_TOL = 1e-5
 
 
 def load_config(arch: str) -> HfClipConfig:
-    """A published architecture name (conversion/configs/<name>.json) or a path to an hf_clip config JSON."""
-    path = REPO / "conversion" / "configs" / f"{arch}.json"
-    if not path.exists():
-        path = Path(arch)
-    if not path.exists():
-        raise FileNotFoundError(f"no architecture {arch!r}: neither conversion/configs/{arch}.json nor a JSON file")
-    return HfClipConfig(**json.loads(path.read_text()))
+    """A published architecture name (`HfClipConfig.from_architecture`) or a path to an hf_clip config JSON."""
+    if arch.endswith(".json"):
+        return HfClipConfig.from_json_file(arch)
+    return HfClipConfig.from_architecture(arch)
 
 
 def synthetic_batch(
     batch_size: int, config: HfClipConfig, device: torch.device, longest_caption: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """anchor_gpu.py's batch: pixels, BOS + random tokens + EOS at a random 5..75 position, zero padding, mask.
+    """The anchors' batch: random pixels and 77-column captions with EOS at a random position 5..75.
 
-    `longest_caption` (tokens with BOS and EOS) caps the EOS position at `longest_caption - 1` for batches of short
-    real-world captions; every implementation still receives the 77-token padded batch."""
-    text = config.text_config
-    context, size = text.max_position_embeddings, config.vision_config.image_size
+    `longest_caption` (tokens with BOS and EOS) caps the caption length for batches of short real-world captions;
+    every implementation still receives the 77-column padded batch."""
+    text, vision = config.tower_configs()
+    context, size = text.max_position_embeddings, vision.image_size
     pixel_values = torch.randn(batch_size, 3, size, size, device=device)
-    input_ids = torch.randint(1, text.bos_token_id - 1, (batch_size, context), device=device)
-    last_eos = context - 2 if longest_caption is None else min(longest_caption - 1, context - 2)
-    if last_eos < 1:
+    longest = context - 1 if longest_caption is None else min(longest_caption, context - 1)
+    if longest < 2:
         raise ValueError(f"longest_caption must be at least 2 tokens (BOS and EOS), got {longest_caption}.")
-    lengths = torch.randint(min(5, last_eos), last_eos + 1, (batch_size,), device=device)
-    positions = torch.arange(context, device=device)[None]
-    input_ids[:, 0] = text.bos_token_id
-    input_ids = torch.where(positions == lengths[:, None], torch.full_like(input_ids, text.eos_token_id), input_ids)
-    input_ids = torch.where(positions > lengths[:, None], torch.zeros_like(input_ids), input_ids)
-    return pixel_values, input_ids, (positions <= lengths[:, None]).long()
+    input_ids, attention_mask = random_captions(
+        batch_size, context, text.bos_token_id or 0, text.eos_token_id, min_length=min(6, longest), max_length=longest
+    )
+    return pixel_values, input_ids.to(device), attention_mask.to(device)
 
 
 def synchronize(device: torch.device) -> None:
@@ -103,7 +98,10 @@ def matmul_ceiling(device: torch.device, size: int) -> float:
 
 
 def _resident_peak_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    match = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
+    if match is None:
+        raise OSError("no VmHWM in /proc/self/status")
+    return int(match.group(1))
 
 
 @contextlib.contextmanager
@@ -184,7 +182,7 @@ def encode_row(name: str, config: HfClipConfig, batch_size: int, variant: str, a
     impl = build(name, config, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     impl.model.eval().to(dtype)
-    size = config.vision_config.image_size
+    size = config.tower_configs()[1].image_size
     pixel_values = impl.prepare_pixels(torch.randn(batch_size, 3, size, size, device=device, dtype=dtype))
     encode = impl.encode
     if variant == "compile":
@@ -201,7 +199,7 @@ def _loss_and_grads(impl: Implementation, batch, loss_fn, device: torch.device) 
     with autocast(device):
         loss = loss_fn(pixel_values, input_ids, attention_mask)
     loss.backward()
-    grads = [p.grad.float().flatten() for p in impl.model.parameters()]
+    grads = [p.grad.float().flatten() for p in impl.model.parameters() if p.grad is not None]
     return float(loss.detach()), torch.cat(grads)
 
 
@@ -281,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 1024)
     ceiling = matmul_ceiling(device, matmul_size)
-    env = environment(device, ceiling, matmul_size, sys.argv if argv is None else ["examples/benchmark.py", *argv])
+    env = environment(
+        device, ceiling, matmul_size, sys.argv if argv is None else ["examples/benchmarks/benchmark.py", *argv]
+    )
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env["platform"] = platform.platform()
     rows: list[dict] = []

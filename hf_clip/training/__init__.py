@@ -1,0 +1,20 @@
+"""CLIP training with Accelerate: the run config, the data position and checkpoints, the paper's optimizer and
+accumulation modes, zero-shot monitoring, and the loop (`hf_clip.training.loop.main`, the `hf-clip-train` console
+script and `accelerate launch examples/train.py`).
+
+Importing this package imports accelerate and datasets (the `train` extra); `import hf_clip` does not.
+"""
+
+from .config import TrainConfig, parse_config
+from .loop import main
+from .steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, clamp_logit_scale_
+
+__all__ = [
+    "ClipEmbedder",
+    "TrainConfig",
+    "build_optimizer",
+    "cached_accumulation_backward",
+    "clamp_logit_scale_",
+    "main",
+    "parse_config",
+]

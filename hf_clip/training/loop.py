@@ -1,0 +1,215 @@
+"""The training loop behind `accelerate launch examples/train.py [config.json] [--field value ...]` (also the
+`hf-clip-train` console script and `python -m hf_clip.training`).
+
+One `TrainConfig` dataclass holds every setting; give it as a JSON file (e.g. `hf_clip/demo/fashion_mnist.json`),
+on the command line, or both (command-line values override the file). The same loop runs on one CPU, one GPU,
+several GPUs (DDP), several nodes, or under FSDP: pick an accelerate config (`examples/configs/accelerate_*.yaml`).
+
+The recipe is the paper's: random square crop of the resized image as the only augmentation, AdamW with decoupled
+weight decay on matrices only and β2/ε per image-tower family, cosine schedule with linear warmup, `logit_scale`
+clamped to ln(100) after every optimizer step, and the contrastive loss over the global batch of all ranks
+(`hf_clip.ClipLoss`, autograd all-gather). Gradient accumulation keeps the negatives of the whole accumulated
+batch by default (`accumulation_mode="cached"`; see `hf_clip/training/steps.py` for how it differs from `"plain"`).
+
+Outputs in `output_dir`: `checkpoints/step_XXXXXXXX/` (`save_state` + the data position of every rank), `logs/`
+(tensorboard), `metrics.jsonl` (the logged scalars), and `model/` (model + processor, loadable with `AutoModel`,
+`AutoProcessor` and `pipeline("zero-shot-image-classification")`).
+
+Resume (`--resume latest` or a checkpoint path) is exact: every rank replays its data stream up to the stored
+position (the stream depends only on seed, epoch and rank), so a resumed run equals an uninterrupted one bitwise on
+the same hardware. Replaying decodes the skipped part of the epoch again; it costs input time, not training time.
+"""
+
+import contextlib
+import functools
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import TorchDynamoPlugin, is_tensorboard_available, set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, labelled_batches, load_stream, random_crop
+from ..loss import ClipLoss
+from ..processing_hf_clip import HfClipProcessor
+from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
+from .evaluation import zero_shot_accuracy
+from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
+from .steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, clamp_logit_scale_, plain_loss
+
+logger = logging.getLogger(__name__)
+
+
+def train_batches(
+    config: TrainConfig, processor: HfClipProcessor, accelerator: Accelerator
+) -> tuple[ClipBatches, torch.utils.data.DataLoader]:
+    """This rank's batches. The DataLoader is not given to `accelerator.prepare`: `ClipBatches` already splits the
+    stream across ranks (`split_dataset_by_node`) and batches are moved to the device in the loop."""
+    spec = DataSpec(config.train_data_format, config.data_files(), config.image_column, config.text_column)
+    batches = ClipBatches(
+        load_stream(spec),
+        spec,
+        image_transform=functools.partial(random_crop, processor.image_processor),
+        tokenizer=processor.tokenizer,
+        batch_size=config.per_device_batch_size,
+        seed=config.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        shuffle_buffer=config.shuffle_buffer,
+    )
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.dataloader_num_workers)
+    return batches, loader
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    config.validate()
+    if not is_tensorboard_available():
+        # Accelerate would only warn and log nothing.
+        raise ImportError("training logs to tensorboard: `pip install tensorboard` (the `train` extra).")
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(output_dir),
+        step_scheduler_with_optimizer=False,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.torch_compile else None,
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ValueError("fp16 autocast does not run on CPU (it would silently train in fp32); use bf16 or no.")
+    set_seed(config.seed)
+    logger.info("%s", accelerator.state)
+
+    tokenizer = build_tokenizer(config)
+    model_config = architecture(config, tokenizer)
+    processor = build_processor(model_config, tokenizer)
+    model = build_model(config, model_config)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = build_optimizer(
+        model, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2, config.adam_epsilon
+    )
+    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
+    embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model), optimizer, scheduler)
+    loss_fn = ClipLoss()
+    batches, loader = train_batches(config, processor, accelerator)
+
+    step, cursor = 0, DataCursor()
+    resume_from = checkpoint_to_resume(config.resume, output_dir)
+    if resume_from is not None:
+        step, cursor = load_checkpoint(accelerator, resume_from)
+        logger.info("resumed from %s at step %d", resume_from, step)
+    eval_batches = None
+    if config.eval_data_files:
+        eval_spec = DataSpec(
+            config.eval_data_format,
+            config.data_files(eval=True),
+            config.image_column,
+            label_column=config.eval_label_column,
+        )
+        eval_batches = labelled_batches(
+            eval_spec,
+            processor.image_processor,
+            config.per_device_eval_batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            config.eval_max_samples,
+        )
+
+    accelerator.init_trackers(
+        "logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
+    )
+    stream = cursor.stream(batches, loader, accelerator.process_index)
+    samples_per_step = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
+    unwrapped = accelerator.unwrap_model(embedder).model
+    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
+
+    embedder.train()
+    train_seconds = 0.0  # time in training steps only (no evaluation, logging or checkpointing)
+    while step < config.max_steps:
+        step_start = time.perf_counter()
+        micro_batches = [
+            to_device(next(stream), accelerator.device) for _ in range(config.gradient_accumulation_steps)
+        ]
+        if config.accumulation_mode == "cached" and len(micro_batches) > 1:
+            loss = cached_accumulation_backward(
+                embedder, loss_fn, micro_batches, accelerator.backward, lambda: accelerator.no_sync(embedder)
+            )
+        else:
+            loss = torch.zeros((), device=accelerator.device)
+            for index, batch in enumerate(micro_batches):
+                # Plain accumulation: each micro-batch is its own contrastive problem; gradients are averaged.
+                last = index == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(embedder):
+                    micro_loss = plain_loss(embedder, loss_fn, batch) / len(micro_batches)
+                    accelerator.backward(micro_loss)
+                loss += micro_loss.detach()
+        if config.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(embedder.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale_(unwrapped)
+        step += 1
+        train_seconds += time.perf_counter() - step_start
+        progress.update(1)
+        window_steps += 1
+        window_loss += loss
+
+        last_step = step == config.max_steps
+        should_eval = eval_batches is not None and (
+            last_step or (config.eval_steps > 0 and step % config.eval_steps == 0)
+        )
+        if should_eval or last_step or step % config.logging_steps == 0:
+            skipped = accelerator.reduce(cursor.skipped.to(accelerator.device), "sum")
+            record = {
+                "loss": accelerator.reduce(window_loss / window_steps, "mean").item(),
+                "learning_rate": scheduler.get_last_lr()[0],
+                "logit_scale": unwrapped.logit_scale.detach().float().exp().item(),
+                "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
+                "train_seconds": train_seconds,
+                "skipped_samples": int(skipped.sum()),
+                **{f"skipped/{name}": int(n) for name, n in zip(SKIP_REASONS, skipped.tolist(), strict=True)},
+            }
+            if eval_batches is not None and should_eval:
+                embedder.eval()
+                for name, templates in (
+                    ("zero_shot_top1", config.templates[:1]),
+                    ("zero_shot_top1_ensemble", config.templates),
+                ):
+                    record[name] = zero_shot_accuracy(
+                        accelerator, embedder, processor.tokenizer, config.class_names, templates, eval_batches
+                    )
+                embedder.train()
+            log_record(accelerator, output_dir, step, record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", skipped=record["skipped_samples"])
+            window_start, window_steps, window_loss = (
+                time.perf_counter(),
+                0,
+                torch.zeros((), device=accelerator.device),
+            )
+
+        if config.save_steps > 0 and step % config.save_steps == 0:
+            save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step:08d}", step, cursor)
+        if config.stop_at_step is not None and step >= config.stop_at_step:
+            logger.info("stopping at step %d (stop_at_step); continue with --resume latest", step)
+            accelerator.end_training()
+            return
+    progress.close()
+    save_final(accelerator, embedder, processor, output_dir / "model")
+    accelerator.end_training()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+if __name__ == "__main__":
+    main()
