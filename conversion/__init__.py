@@ -1,1 +1,1 @@
-"""Checkpoint conversion into hf_clip: key tables, per-source converters and the published architecture configs."""
+"""Checkpoint conversion into hf_clip: key tables, per-source converters checked against their source, publishing."""

@@ -5,25 +5,19 @@ normalised) and `logits_per_image` must agree at fp32 `atol=1e-5`. Shape-preserv
 head count, q/k swapped, LayerNorm eps) move logits by only 2.5e-4…2.9e-3, so a looser gate would miss them.
 """
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+from hf_clip import HfClipConfig
+from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX
+from hf_clip.synthetic import random_captions
 
 PARITY_ATOL = 1e-5
 OUTPUT_NAMES = ("image_features", "text_features", "logits_per_image")
-# hf_clip clamps the temperature at inference (the paper's cap of 100); open_clip and transformers do not.
-LOGIT_SCALE_MAX = math.log(100)
-
-
-def sub_configs(config: HfClipConfig) -> tuple[HfClipTextConfig, HfClipVisionConfig]:
-    """The text and vision configs, typed (`HfClipConfig.__post_init__` always builds both objects)."""
-    return cast(HfClipTextConfig, config.text_config), cast(HfClipVisionConfig, config.vision_config)
 
 
 class ParityError(AssertionError):
@@ -41,28 +35,20 @@ class ParityInputs:
 
 
 def parity_inputs(config: HfClipConfig, num_texts: int = 3, num_images: int = 2, seed: int = 0) -> ParityInputs:
-    """Random images and token sequences shaped like tokenizer output: BOS, tokens, EOS, zero padding.
-
-    Tokens stay below BOS and EOS so OpenAI's pooling (at the highest id) and hf_clip's (at the first EOS) pick the
-    same position, as they do for real tokenizer output where EOS is the last vocabulary entry.
-    """
-    text_config, vision_config = sub_configs(config)
-    generator = torch.Generator().manual_seed(seed)
-    seq_len = text_config.max_position_embeddings
+    """Random images, and token sequences shaped like tokenizer output (`hf_clip.synthetic.random_captions`): BOS,
+    tokens below BOS and EOS, EOS, zero padding. The first caption fills the context, so pooling at the last position
+    is checked too."""
+    text_config, vision_config = config.tower_configs()
     bos, eos = text_config.bos_token_id, text_config.eos_token_id
-    if bos is None or eos is None:
-        raise ValueError("the text config needs bos_token_id and eos_token_id to build parity inputs.")
-    input_ids = torch.randint(1, min(bos, eos), (num_texts, seq_len), generator=generator)
-    input_ids[:, 0] = bos
-    lengths = torch.randint(2, seq_len + 1, (num_texts,), generator=generator)
-    lengths[0] = seq_len  # one full-length row: pooling at the last position
-    positions = torch.arange(seq_len)[None]
-    ends = lengths[:, None] - 1
-    input_ids = torch.where(positions == ends, eos, input_ids)
-    input_ids = torch.where(positions > ends, 0, input_ids)
+    if bos is None:
+        raise ValueError("the text config needs bos_token_id to build parity inputs.")
+    generator = torch.Generator().manual_seed(seed)
+    input_ids, attention_mask = random_captions(
+        num_texts, text_config.max_position_embeddings, bos, eos, include_longest=True, generator=generator
+    )
     size = vision_config.image_size
     pixel_values = torch.randn(num_images, vision_config.num_channels, size, size, generator=generator)
-    return ParityInputs(input_ids, (positions <= ends).long(), pixel_values)
+    return ParityInputs(input_ids, attention_mask, pixel_values)
 
 
 def logits_from_features(
@@ -70,8 +56,9 @@ def logits_from_features(
 ) -> torch.Tensor:
     """logits_per_image = exp(logit_scale) · normalise(image) @ normalise(text)ᵀ, with hf_clip's temperature cap.
 
-    A checkpoint whose stored scale exceeds the cap (OpenAI trained with a clamp at 4.6052 > ln 100) gives logits
-    that differ from an uncapped implementation by the cap alone; the check compares weights, not that policy.
+    hf_clip clamps the scale at ln(100), the paper's cap; open_clip and transformers do not. A checkpoint whose stored
+    scale exceeds the cap (OpenAI trained with a clamp at 4.6052 > ln 100) gives logits that differ from an uncapped
+    implementation by the cap alone; the check compares weights, not that policy.
     """
     scale = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
     image = nn.functional.normalize(image_features, dim=-1)

@@ -19,14 +19,8 @@ from typing import Any
 
 from hf_clip import HfClipConfig, HfClipModel
 
-from .checks import sub_configs
-from .convert_openai import (
-    architecture_of,
-    convert_and_verify,
-    convert_openai_state_dict,
-    infer_openai_config,
-    published_architecture,
-)
+from .architectures import architecture_of
+from .convert_openai import convert_and_verify, convert_openai_state_dict, infer_openai_config
 from .key_mappings import StateDict
 from .open_clip_reference import hf_clip_config_from_open_clip
 from .safe_loading import extract_archive, is_archive, load_torch_file
@@ -60,7 +54,7 @@ def config_for(state_dict: StateDict, model_cfg: dict[str, Any] | None, activati
     """The architecture read from the weights, cross-checked against the source's open_clip config if it has one."""
     if model_cfg is not None:
         declared = hf_clip_config_from_open_clip(model_cfg)
-        inferred = infer_openai_config(state_dict, hidden_act=sub_configs(declared)[0].hidden_act)
+        inferred = infer_openai_config(state_dict, hidden_act=declared.tower_configs()[0].hidden_act)
         if architecture_of(inferred) != architecture_of(declared):
             raise ValueError(
                 "the open_clip config does not describe these weights:\n"
@@ -127,18 +121,10 @@ def main(argv: list[str] | None = None) -> None:
             model_cfg = json.loads(args.model_config.read_text(encoding="utf-8"))
         model, differences = convert_open_clip(state_dict, model_cfg, args.activation)
         print("max |open_clip - hf_clip|: " + json.dumps(differences))
-        architecture = published_architecture(model.config)
         processor = open_clip_processor(
             model.config, preprocess_cfg, folder=source if source.is_dir() else None, bpe_path=args.bpe
         )
-    publish_from_args(
-        model,
-        processor,
-        args,
-        source=f"open_clip checkpoint {args.source.name}",
-        architecture=architecture,
-        parity=differences,
-    )
+    publish_from_args(model, processor, args, source=f"open_clip checkpoint {args.source.name}", parity=differences)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 
 The source is an OpenAI-layout state dict (`torch.save(model.state_dict())`, a `.safetensors` file, or OpenAI's
 original TorchScript archive behind `--allow-torchscript`). The architecture is read from the weights the way
-OpenAI's `clip.model.build_model` does, named against `conversion/configs/`, and the converted model must reproduce
-open_clip's outputs for the source weights at fp32 atol=1e-5 before anything is written.
+OpenAI's `clip.model.build_model` does, named after the published architecture it equals
+(`HfClipConfig.from_architecture`), and the converted model must reproduce open_clip's outputs for the source weights
+at fp32 atol=1e-5 before anything is written.
 """
 
 import argparse
@@ -17,39 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from hf_clip import HfClipConfig, HfClipModel
+from hf_clip.foreign_configs import open_clip_model_cfg
 
-from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs, sub_configs
+from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs
 from .key_mappings import OPENAI_METADATA_KEYS, StateDict, openai_to_hf_clip
-from .open_clip_reference import build_open_clip_model, open_clip_model_cfg, open_clip_outputs
+from .open_clip_reference import build_open_clip_model, open_clip_outputs
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
 # Every attention head in OpenAI's transformers is 64 wide; OpenAI's loader derives head counts from it.
 HEAD_WIDTH = 64
-# Architecture fields compared against the published configs (initialisation and token ids do not shape weights).
-TEXT_ARCHITECTURE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "projection_dim",
-    "hidden_act",
-    "layer_norm_eps",
-)
-VIT_ARCHITECTURE_FIELDS = (
-    "backbone",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "image_size",
-    "patch_size",
-    "projection_dim",
-    "hidden_act",
-    "layer_norm_eps",
-)
-RESNET_ARCHITECTURE_FIELDS = ("backbone", "layers", "width", "num_attention_heads", "image_size", "projection_dim")
 
 
 def _count_blocks(state_dict: StateDict, pattern: str) -> int:
@@ -122,25 +98,6 @@ def infer_openai_config(state_dict: StateDict, hidden_act: str = "quick_gelu") -
     return HfClipConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim)
 
 
-def architecture_of(config: HfClipConfig) -> dict[str, Any]:
-    text_config, vision_config = sub_configs(config)
-    vision_fields = VIT_ARCHITECTURE_FIELDS if vision_config.backbone == "vit" else RESNET_ARCHITECTURE_FIELDS
-    return {
-        "projection_dim": config.projection_dim,
-        "text": {name: getattr(text_config, name) for name in TEXT_ARCHITECTURE_FIELDS},
-        "vision": {name: getattr(vision_config, name) for name in vision_fields},
-    }
-
-
-def published_architecture(config: HfClipConfig) -> str | None:
-    """Name of the `conversion/configs/*.json` whose architecture equals `config`'s, or None for a custom one."""
-    wanted = architecture_of(config)
-    for path in sorted(CONFIGS_DIR.glob("*.json")):
-        if architecture_of(HfClipConfig.from_json_file(path)) == wanted:
-            return path.stem
-    return None
-
-
 def convert_openai_state_dict(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     """Rename an OpenAI-layout state dict to hf_clip's names, in fp32 (OpenAI's archives are partly fp16).
 
@@ -171,6 +128,7 @@ def convert_and_verify(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .architectures import published_architecture
     from .processor_from_source import openai_processor
     from .push_to_hub import add_publish_arguments, publish_from_args
 
@@ -185,19 +143,11 @@ def main(argv: list[str] | None = None) -> None:
 
     state_dict = load_torch_file(args.source, allow_torchscript=args.allow_torchscript)
     config = infer_openai_config(state_dict)
-    architecture = published_architecture(config)
-    print(f"architecture: {architecture or 'custom (matches no file in conversion/configs/)'}")
+    print(f"architecture: {published_architecture(config) or 'custom (equal to no published architecture)'}")
     model, differences = convert_and_verify(state_dict, config)
     print("max |open_clip - hf_clip|: " + json.dumps(differences))
     processor = openai_processor(config, bpe_path=args.bpe)
-    publish_from_args(
-        model,
-        processor,
-        args,
-        source=f"OpenAI checkpoint {args.source.name}",
-        architecture=architecture,
-        parity=differences,
-    )
+    publish_from_args(model, processor, args, source=f"OpenAI checkpoint {args.source.name}", parity=differences)
 
 
 if __name__ == "__main__":

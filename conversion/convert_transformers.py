@@ -18,45 +18,17 @@ import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from hf_clip import HfClipConfig, HfClipModel, HfClipProcessor
+from hf_clip.foreign_configs import (
+    TRANSFORMERS_JOINT_FIELDS,
+    TRANSFORMERS_TEXT_FIELDS,
+    TRANSFORMERS_VISION_FIELDS,
+    transformers_clip_config,
+)
 
-from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs, sub_configs
+from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs
 from .key_mappings import StateDict
 from .processor_from_source import check_tokenizer, clip_image_processor, tokenizer_from_folder
 
-# Fields transformers' CLIP configs and hf_clip's share; everything else is specific to one side.
-TEXT_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "max_position_embeddings",
-    "projection_dim",
-    "hidden_act",
-    "layer_norm_eps",
-    "attention_dropout",
-    "initializer_range",
-    "initializer_factor",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-)
-VISION_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_channels",
-    "image_size",
-    "patch_size",
-    "projection_dim",
-    "hidden_act",
-    "layer_norm_eps",
-    "attention_dropout",
-    "initializer_range",
-    "initializer_factor",
-)
-JOINT_FIELDS = ("projection_dim", "logit_scale_init_value", "initializer_factor")
 # transformers' original CLIP configs say eos_token_id=2, which its CLIP text model reads as "pool at the highest id".
 LEGACY_EOS_TOKEN_ID = 2
 # Buffers older transformers checkpoints stored; the models rebuild them.
@@ -65,39 +37,25 @@ POSITION_ID_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embed
 
 def hf_clip_config_from_transformers(config: CLIPConfig) -> HfClipConfig:
     """The `HfClipConfig` of a transformers `CLIPConfig` (ViT image tower)."""
-    text = {name: getattr(config.text_config, name) for name in TEXT_FIELDS}
+    text = {name: getattr(config.text_config, name) for name in TRANSFORMERS_TEXT_FIELDS}
     if text["eos_token_id"] == LEGACY_EOS_TOKEN_ID:
         # Legacy configs pool at the highest id, which is <|endoftext|>, the last vocabulary entry.
         text.update(eos_token_id=text["vocab_size"] - 1, bos_token_id=text["vocab_size"] - 2)
-    vision = {"backbone": "vit", **{name: getattr(config.vision_config, name) for name in VISION_FIELDS}}
-    joint = {name: getattr(config, name) for name in JOINT_FIELDS}
-    return HfClipConfig(text_config=text, vision_config=vision, **joint)
-
-
-def transformers_config_from_hf_clip(config: HfClipConfig) -> CLIPConfig:
-    """The transformers `CLIPConfig` of an hf_clip ViT config; a ResNet has no transformers counterpart."""
-    text_config, vision_config = sub_configs(config)
-    if vision_config.backbone != "vit":
-        raise ValueError(
-            f"transformers' CLIPModel has only a ViT image tower; this model's is {vision_config.backbone!r}. "
-            "Publish it in hf_clip format (optionally with remote code) instead."
-        )
-    text = {name: getattr(text_config, name) for name in TEXT_FIELDS}
-    vision = {name: getattr(vision_config, name) for name in VISION_FIELDS}
-    joint = {name: getattr(config, name) for name in JOINT_FIELDS}
-    return CLIPConfig(text_config=text, vision_config=vision, **joint)
+    vision = {name: getattr(config.vision_config, name) for name in TRANSFORMERS_VISION_FIELDS}
+    joint = {name: getattr(config, name) for name in TRANSFORMERS_JOINT_FIELDS}
+    return HfClipConfig(text_config=text, vision_config={"backbone": "vit", **vision}, **joint)
 
 
 def convert_transformers_state_dict(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     """transformers `CLIPModel` state dict → hf_clip: the same names; stale position-id buffers dropped."""
-    if sub_configs(config)[1].backbone != "vit":
+    if config.tower_configs()[1].backbone != "vit":
         raise ValueError("a transformers CLIPModel state dict always holds a ViT image tower.")
     return {key: value for key, value in state_dict.items() if key not in POSITION_ID_BUFFERS}
 
 
 def convert_hf_clip_state_dict_to_transformers(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     """hf_clip ViT state dict → transformers `CLIPModel`: the same names, so the same dict (copied)."""
-    transformers_config_from_hf_clip(config)  # raises for a ResNet
+    transformers_clip_config(config)  # raises for a ResNet
     return dict(state_dict)
 
 
@@ -115,7 +73,7 @@ def from_transformers(model: CLIPModel) -> tuple[HfClipModel, dict[str, float]]:
 
 def to_transformers(model: HfClipModel) -> tuple[CLIPModel, dict[str, float]]:
     """A stock transformers `CLIPModel` with `model`'s weights, checked to give its outputs on random inputs."""
-    exported = CLIPModel(transformers_config_from_hf_clip(model.config)).eval()
+    exported = CLIPModel(transformers_clip_config(model.config)).eval()
     load_strict(exported, convert_hf_clip_state_dict_to_transformers(model.state_dict(), model.config), "CLIPModel")
     inputs = parity_inputs(model.config)
     differences = assert_parity(
@@ -134,7 +92,7 @@ def to_transformers_processor(processor: Any) -> CLIPProcessor:
     """A stock `CLIPProcessor` with the same vocabulary, merges and image settings as an `HfClipProcessor`.
 
     transformers' CLIPTokenizer cleans text differently from OpenAI (HTML entities, ftfy repairs), and its
-    CLIPImageProcessor floors the centre-crop offset; both are documented in DESIGN §5.
+    CLIPImageProcessor floors the centre-crop offset (hf_clip rounds it, as OpenAI does).
     """
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     # transformers annotates `merges` as list[str], but its tokenizers BPE backend only accepts (left, right) pairs.
@@ -174,7 +132,7 @@ def load_transformers_folder(folder: str | Path) -> tuple[CLIPModel, HfClipProce
     # Reads preprocessor_config.json or processor_config.json (transformers 5.x); JSON only, no code.
     source_image_processor = CLIPImageProcessor.from_pretrained(folder)
     image_processor = clip_image_processor(
-        sub_configs(config)[1].image_size,
+        config.tower_configs()[1].image_size,
         mean=source_image_processor.image_mean,
         std=source_image_processor.image_std,
         resample=source_image_processor.resample,
@@ -184,7 +142,6 @@ def load_transformers_folder(folder: str | Path) -> tuple[CLIPModel, HfClipProce
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .convert_openai import published_architecture
     from .push_to_hub import add_publish_arguments, publish_from_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,12 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     model, differences = from_transformers(source_model)
     print("max |CLIPModel - hf_clip|: " + json.dumps(differences))
     publish_from_args(
-        model,
-        processor,
-        args,
-        source=f"transformers CLIPModel folder {args.source.name}",
-        architecture=published_architecture(model.config),
-        parity=differences,
+        model, processor, args, source=f"transformers CLIPModel folder {args.source.name}", parity=differences
     )
 
 

@@ -12,7 +12,6 @@ Each tower has one converter per direction taking `(remaining, tower_config)`: i
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 
@@ -239,11 +238,6 @@ def _vision_converter(converters: dict[str, TowerConverter], backbone: str) -> T
     return converters[backbone]
 
 
-def _tower_configs(config: HfClipConfig) -> tuple[HfClipTextConfig, HfClipVisionConfig]:
-    # HfClipConfig.__post_init__ turns both sub-config fields into config objects; the annotation also admits dicts.
-    return cast(HfClipTextConfig, config.text_config), cast(HfClipVisionConfig, config.vision_config)
-
-
 def _check_consumed(remaining: StateDict, source: str) -> None:
     if remaining:
         raise ValueError(f"{len(remaining)} {source} entries have no mapping: {sorted(remaining)[:10]}")
@@ -255,7 +249,7 @@ def openai_to_hf_clip(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     Every source entry must be mapped: a key left over means the config does not describe the checkpoint.
     """
     remaining = {key: value for key, value in state_dict.items() if key not in OPENAI_METADATA_KEYS}
-    text_config, vision_config = _tower_configs(config)
+    text_config, vision_config = config.tower_configs()
     vision_converter = _vision_converter(OPENAI_VISION_CONVERTERS, vision_config.backbone)
     converted = convert_openai_text_keys(remaining, text_config)
     converted.update(vision_converter(remaining, vision_config))
@@ -267,7 +261,7 @@ def openai_to_hf_clip(state_dict: StateDict, config: HfClipConfig) -> StateDict:
 def hf_clip_to_openai(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     """Convert an hf_clip `HfClipModel` state dict to the OpenAI layout (without OpenAI's metadata entries)."""
     remaining = dict(state_dict)
-    text_config, vision_config = _tower_configs(config)
+    text_config, vision_config = config.tower_configs()
     vision_converter = _vision_converter(HF_CLIP_TO_OPENAI_VISION_CONVERTERS, vision_config.backbone)
     converted = convert_hf_clip_text_keys_to_openai(remaining, text_config)
     converted.update(vision_converter(remaining, vision_config))

@@ -14,6 +14,7 @@ A template variable left without a value is an error, never an empty string in t
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,13 +25,26 @@ from transformers import PreTrainedModel
 
 from hf_clip import HfClipConfig
 
-from .checks import sub_configs
+from .architectures import published_architecture
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 PIPELINE_TAG = "zero-shot-image-classification"
 LIBRARY_NAME = "transformers"
 BASE_TAGS = ("clip", "hf_clip", "zero-shot-image-classification", "image-text-retrieval")
 ZERO_SHOT_METRICS = ("top1", "top5", "mean_per_class_recall")
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """What a card says that the model and processor cannot tell: where the weights come from, their license, the
+    Hub ids they derive from, and what was measured on them (evaluation results, parity with the source)."""
+
+    source: str
+    license: str
+    base_model: str | None = None
+    datasets: Sequence[str] = ()
+    eval_results: Sequence[EvalResult] = ()
+    parity: Mapping[str, float] | None = None
 
 
 def _eval_result(task: str, dataset: Mapping[str, Any], metric: str, value: Any, source: Path) -> EvalResult:
@@ -76,7 +90,7 @@ def load_eval_results(paths: Sequence[str | Path]) -> list[EvalResult]:
 
 
 def describe_towers(config: HfClipConfig) -> tuple[str, str]:
-    text, vision = sub_configs(config)
+    text, vision = config.tower_configs()
     if vision.backbone == "vit":
         vision_text = (
             f"ViT: {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.num_attention_heads} heads, "
@@ -138,31 +152,24 @@ def _provenance_section(source: str, parity: Mapping[str, float] | None) -> str:
 def render_model_card(
     model: PreTrainedModel,
     processor: Any,
+    facts: CardFacts,
     *,
-    model_name: str,
     repo_id: str,
-    license: str,
-    source: str,
-    architecture: str | None = None,
-    base_model: str | None = None,
-    datasets: Sequence[str] = (),
-    tags: Sequence[str] = (),
-    eval_results: Sequence[EvalResult] = (),
-    parity: Mapping[str, float] | None = None,
     remote_code: bool = False,
     template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
-    """The README of a published checkpoint, rendered from `MODEL_CARD.md`."""
+    """The README of the checkpoint `repo_id` (ORG/NAME; NAME titles the card), rendered from `MODEL_CARD.md`."""
     config = cast(HfClipConfig, model.config)
+    model_name = repo_id.rsplit("/", 1)[-1]
     card_data = ModelCardData(
         model_name=model_name,
         library_name=LIBRARY_NAME,
         pipeline_tag=PIPELINE_TAG,
-        license=license,
-        tags=sorted({*BASE_TAGS, *tags}),
-        datasets=list(datasets) or None,
-        base_model=base_model,
-        eval_results=list(eval_results) or None,
+        license=facts.license,
+        tags=sorted(BASE_TAGS),
+        datasets=list(facts.datasets) or None,
+        base_model=facts.base_model,
+        eval_results=list(facts.eval_results) or None,
     )
     vision_description, text_description = describe_towers(config)
     loading_note = (
@@ -177,12 +184,12 @@ def render_model_card(
         "text_description": text_description,
         "projection_dim": config.projection_dim,
         "num_parameters": f"{sum(parameter.numel() for parameter in model.parameters()):,}",
-        "architecture": architecture or "custom",
+        "architecture": published_architecture(config) or "custom",
         "image_preprocessing": describe_image_preprocessing(processor.image_processor),
         "text_preprocessing": describe_text_preprocessing(processor.tokenizer),
         "loading_note": loading_note,
-        "evaluation": _evaluation_section(eval_results),
-        "provenance": _provenance_section(source, parity),
+        "evaluation": _evaluation_section(facts.eval_results),
+        "provenance": _provenance_section(facts.source, facts.parity),
     }
     template_text = Path(template_path).read_text(encoding="utf-8")
     needed = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template_text))

@@ -1,8 +1,9 @@
-"""open_clip as the reference implementation: its model config ↔ `HfClipConfig`, and its model's outputs.
+"""open_clip as the reference implementation: its model config → `HfClipConfig`, and its model's outputs.
 
 OpenAI's checkpoints and open_clip's `-quickgelu` models share one layout (open_clip's `CLIP` class), so open_clip
 is the oracle every OpenAI-layout conversion is checked against. Only the subset of open_clip's options that
-describes OpenAI's architecture converts; any other option set in a config is refused by name.
+describes OpenAI's architecture converts; any other option set in a config is refused by name. The other direction,
+`HfClipConfig` → open_clip model config, is `hf_clip.foreign_configs.open_clip_model_cfg`.
 """
 
 import dataclasses
@@ -12,15 +13,13 @@ import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
 from hf_clip import HfClipConfig
+from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX
 
-from .checks import LOGIT_SCALE_MAX, ParityInputs, load_strict, logits_from_features, sub_configs
+from .checks import ParityInputs, load_strict, logits_from_features
 
-# open_clip options that change the architecture away from OpenAI's; each must keep open_clip's default.
-VISION_FIXED_FIELDS = (
+# open_clip options either tower has that change the architecture away from OpenAI's; each must keep its default.
+TOWER_FIXED_FIELDS = (
     "ls_init_value",
-    "attentional_pool",
-    "no_ln_pre",
-    "pos_embed_type",
     "final_ln_after_pool",
     "pool_type",
     "act_kwargs",
@@ -32,31 +31,11 @@ VISION_FIXED_FIELDS = (
     "scale_attn_inner",
     "scale_attn",
     "scale_fc",
-    "timm_model_name",
 )
-TEXT_FIXED_FIELDS = (
-    "ls_init_value",
-    "embed_cls",
-    "no_causal_mask",
-    "final_ln_after_pool",
-    "pool_type",
-    "proj_bias",
-    "proj_type",
-    "act_kwargs",
-    "norm_kwargs",
-    "block_type",
-    "qk_norm",
-    "scaled_cosine_attn",
-    "scale_heads",
-    "scale_attn_inner",
-    "scale_attn",
-    "scale_fc",
-    "hf_model_name",
-)
+VISION_FIXED_FIELDS = (*TOWER_FIXED_FIELDS, "attentional_pool", "no_ln_pre", "pos_embed_type", "timm_model_name")
+TEXT_FIXED_FIELDS = (*TOWER_FIXED_FIELDS, "embed_cls", "no_causal_mask", "proj_bias", "proj_type", "hf_model_name")
 # Model-level keys open_clip's `CLIP` accepts and that describe OpenAI's architecture at these values.
 MODEL_FIXED_VALUES: dict[str, Any] = {"custom_text": False, "init_logit_bias": None, "nonscalar_logit_scale": False}
-# open_clip's LayerNorm default; hf_clip must use the same.
-OPEN_CLIP_LAYER_NORM_EPS = 1e-5
 
 
 def _check_fixed(cfg: Any, defaults: Any, fields: tuple[str, ...], where: str) -> None:
@@ -114,49 +93,6 @@ def hf_clip_config_from_open_clip(model_cfg: dict[str, Any]) -> HfClipConfig:
             hidden_act=activation,
         )
     return HfClipConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim)
-
-
-def open_clip_model_cfg(config: HfClipConfig) -> dict[str, Any]:
-    """The open_clip model config describing the same architecture as `config` (inverse of the function above)."""
-    text_config, vision_config = sub_configs(config)
-    for sub_config in (text_config, vision_config):
-        if sub_config.layer_norm_eps != OPEN_CLIP_LAYER_NORM_EPS:
-            raise ValueError(
-                f"open_clip uses LayerNorm eps {OPEN_CLIP_LAYER_NORM_EPS}, got {sub_config.layer_norm_eps}."
-            )
-    if text_config.hidden_act not in ("gelu", "quick_gelu"):
-        raise ValueError(f"open_clip has no {text_config.hidden_act!r} activation.")
-    if vision_config.backbone == "vit":
-        if vision_config.hidden_act != text_config.hidden_act:
-            raise ValueError("open_clip uses one activation for both towers.")
-        vision_cfg: dict[str, Any] = {
-            "image_size": vision_config.image_size,
-            "layers": vision_config.num_hidden_layers,
-            "width": vision_config.hidden_size,
-            "head_width": vision_config.hidden_size // vision_config.num_attention_heads,
-            "mlp_ratio": vision_config.intermediate_size / vision_config.hidden_size,
-            "patch_size": vision_config.patch_size,
-        }
-    else:
-        vision_cfg = {
-            "image_size": vision_config.image_size,
-            "layers": list(vision_config.layers or ()),
-            "width": vision_config.width,
-            "head_width": vision_config.width * 32 // vision_config.num_attention_heads,
-        }
-    return {
-        "embed_dim": config.projection_dim,
-        "quick_gelu": text_config.hidden_act == "quick_gelu",
-        "vision_cfg": vision_cfg,
-        "text_cfg": {
-            "context_length": text_config.max_position_embeddings,
-            "vocab_size": text_config.vocab_size,
-            "width": text_config.hidden_size,
-            "heads": text_config.num_attention_heads,
-            "layers": text_config.num_hidden_layers,
-            "mlp_ratio": text_config.intermediate_size / text_config.hidden_size,
-        },
-    }
 
 
 def _square(image_size: int | tuple[int, int] | list[int]) -> int:

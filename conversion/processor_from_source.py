@@ -16,8 +16,6 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImage
 
 from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipProcessor, HfClipTokenizer
 
-from .checks import sub_configs
-
 INTERPOLATIONS = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
 
 
@@ -68,7 +66,7 @@ def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
 
 def check_tokenizer(tokenizer: HfClipTokenizer, config: HfClipConfig) -> HfClipTokenizer:
     """The tokenizer must produce ids the text tower was trained on; its context is the model's."""
-    text_config = sub_configs(config)[0]
+    text_config = config.tower_configs()[0]
     found = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     wanted = (text_config.vocab_size, text_config.bos_token_id, text_config.eos_token_id)
     if found != wanted:
@@ -84,7 +82,7 @@ def openai_processor(config: HfClipConfig, bpe_path: str | Path | None = None) -
     """OpenAI's preprocessing at the model's resolution and OpenAI's BPE vocabulary."""
     tokenizer = check_tokenizer(HfClipTokenizer.from_clip_bpe(bpe_path), config)
     return HfClipProcessor(
-        image_processor=clip_image_processor(sub_configs(config)[1].image_size), tokenizer=tokenizer
+        image_processor=clip_image_processor(config.tower_configs()[1].image_size), tokenizer=tokenizer
     )
 
 
@@ -103,7 +101,7 @@ def open_clip_processor(
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"open_clip interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}.")
     image_processor = clip_image_processor(
-        sub_configs(config)[1].image_size,
+        config.tower_configs()[1].image_size,
         mean=preprocess_cfg.get("mean", OPENAI_CLIP_MEAN),
         std=preprocess_cfg.get("std", OPENAI_CLIP_STD),
         resample=INTERPOLATIONS[interpolation],

@@ -8,7 +8,7 @@ one; `HfApi.upload_folder` sends exactly the folder's files, README.md included.
 """
 
 import argparse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 from transformers import PreTrainedModel
 
 from .load_check import check_folder_loads
-from .model_card import load_eval_results, render_model_card
+from .model_card import CardFacts, load_eval_results, render_model_card
 from .remote_code import remote_code_registration
 
 README_NAME = "README.md"
@@ -84,14 +84,8 @@ def publish(
     model: PreTrainedModel,
     processor: Any,
     output_dir: str | Path,
+    facts: CardFacts,
     *,
-    source: str,
-    license: str,
-    architecture: str | None = None,
-    base_model: str | None = None,
-    datasets: Sequence[str] = (),
-    eval_results_paths: Sequence[str | Path] = (),
-    parity: Mapping[str, float] | None = None,
     repo_id: str | None = None,
     push: bool = False,
     remote_code: bool = False,
@@ -100,22 +94,8 @@ def publish(
     if push and not repo_id:
         raise ValueError("--push needs --repo-id ORG/NAME.")
     output_dir = Path(output_dir)
-    name = repo_id or output_dir.resolve().name
-    model_name = name.split("/")[-1]
-    eval_results = load_eval_results(eval_results_paths)
     card = render_model_card(
-        model,
-        processor,
-        model_name=model_name,
-        repo_id=name,
-        license=license,
-        source=source,
-        architecture=architecture,
-        base_model=base_model,
-        datasets=datasets,
-        eval_results=eval_results,
-        parity=parity,
-        remote_code=remote_code,
+        model, processor, facts, repo_id=repo_id or output_dir.resolve().name, remote_code=remote_code
     )
     save_folder(model, processor, output_dir, card, remote_code=remote_code)
     published = Published(output_dir)
@@ -142,28 +122,19 @@ def add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def publish_from_args(
-    model: PreTrainedModel,
-    processor: Any,
-    args: argparse.Namespace,
-    *,
-    source: str,
-    architecture: str | None,
-    parity: Mapping[str, float],
+    model: PreTrainedModel, processor: Any, args: argparse.Namespace, *, source: str, parity: Mapping[str, float]
 ) -> Published:
-    return publish(
-        model,
-        processor,
-        args.output_dir,
+    """`publish` with the card facts and destination a converter CLI read (`add_publish_arguments`)."""
+    facts = CardFacts(
         source=source,
         license=args.license,
-        architecture=architecture,
         base_model=args.base_model,
         datasets=args.datasets,
-        eval_results_paths=args.eval_results,
+        eval_results=load_eval_results(args.eval_results),
         parity=parity,
-        repo_id=args.repo_id,
-        push=args.push,
-        remote_code=args.remote_code,
+    )
+    return publish(
+        model, processor, args.output_dir, facts, repo_id=args.repo_id, push=args.push, remote_code=args.remote_code
     )
 
 

@@ -1,19 +1,56 @@
 """Configurations for hf_clip: text tower, image tower (ViT or modified ResNet) and the joint model.
 
 Fields shared with transformers' `CLIPTextConfig` / `CLIPVisionConfig` keep transformers' names, so a `CLIPConfig`
-dictionary builds the equivalent `HfClipConfig`.
+dictionary builds the equivalent `HfClipConfig`. OpenAI's published architectures ship as JSON files in the package
+(`hf_clip/architectures/`) and load by name: `HfClipConfig.from_architecture("ViT-B-32")`.
 """
 
+import importlib.resources
+import json
 import math
+from typing import TypeVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 BACKBONES = ("vit", "resnet")
+# Package data: one `<name>.json` per published architecture, in this folder of the installed hf_clip package.
+ARCHITECTURES_PACKAGE = "hf_clip"
+ARCHITECTURES_FOLDER = "architectures"
+ARCHITECTURE_SUFFIX = ".json"
+
+SubConfig = TypeVar("SubConfig", bound=PreTrainedConfig)
 
 
 @strict
-class HfClipTextConfig(PreTrainedConfig):
+class HfClipTowerConfig(PreTrainedConfig):
+    """The fields both towers share, under the names transformers' CLIP tower configs give them.
+
+    Each tower declares its own widths; the rest defaults to OpenAI's values for every published model.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
+
+    def _check_heads_divide_width(self, tower: str) -> None:
+        """A transformer splits `hidden_size` evenly between its attention heads."""
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"{tower} hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})."
+            )
+
+
+@strict
+class HfClipTextConfig(HfClipTowerConfig):
     """Causal text transformer pooled at the first end-of-text token."""
 
     model_type = "hf_clip_text_model"
@@ -22,26 +59,15 @@ class HfClipTextConfig(PreTrainedConfig):
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
     num_attention_heads: int = 8
     max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-    initializer_factor: float = 1.0
     # OpenAI pads with 0; transformers' CLIP configs say 1. Features do not depend on it (causal tower, EOS pooling).
     pad_token_id: int | None = 0
     bos_token_id: int | None = 49406
     eos_token_id: int = 49407
 
     def validate_architecture(self) -> None:
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"text hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                f"({self.num_attention_heads})."
-            )
+        self._check_heads_divide_width("text")
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(
                 f"text eos_token_id ({self.eos_token_id}) must be an id below vocab_size ({self.vocab_size})."
@@ -49,7 +75,7 @@ class HfClipTextConfig(PreTrainedConfig):
 
 
 @strict
-class HfClipVisionConfig(PreTrainedConfig):
+class HfClipVisionConfig(HfClipTowerConfig):
     """Image tower. `backbone="vit"` is the paper's ViT; `backbone="resnet"` its modified ResNet.
 
     ResNet fields: `layers` (bottleneck blocks per stage, four stages), `width` (stem width; stage i has
@@ -63,17 +89,10 @@ class HfClipVisionConfig(PreTrainedConfig):
     backbone: str = "vit"
     hidden_size: int = 768
     intermediate_size: int = 3072
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
     image_size: int = 224
     patch_size: int = 32
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0
-    initializer_range: float = 0.02
-    initializer_factor: float = 1.0
     layers: list[int] | None = None
     width: int = 64
 
@@ -83,11 +102,7 @@ class HfClipVisionConfig(PreTrainedConfig):
         if self.backbone == "vit":
             if self.layers is not None:
                 raise ValueError("`layers` is a ResNet field; a ViT is sized by num_hidden_layers.")
-            if self.hidden_size % self.num_attention_heads != 0:
-                raise ValueError(
-                    f"vision hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                    f"({self.num_attention_heads})."
-                )
+            self._check_heads_divide_width("vision")
             if self.image_size % self.patch_size != 0:
                 raise ValueError(
                     f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
@@ -121,14 +136,8 @@ class HfClipConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs) -> None:
-        if self.text_config is None:
-            self.text_config = HfClipTextConfig()
-        elif isinstance(self.text_config, dict):
-            self.text_config = HfClipTextConfig(**_foreign_keys_removed(self.text_config))
-        if self.vision_config is None:
-            self.vision_config = HfClipVisionConfig()
-        elif isinstance(self.vision_config, dict):
-            self.vision_config = HfClipVisionConfig(**_foreign_keys_removed(self.vision_config))
+        self.text_config = _sub_config(HfClipTextConfig, self.text_config)
+        self.vision_config = _sub_config(HfClipVisionConfig, self.vision_config)
         # A transformers `CLIPConfig` dict says model_type "clip"; kept, it would shadow the class attribute.
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
@@ -146,7 +155,44 @@ class HfClipConfig(PreTrainedConfig):
                 f"which must equal projection_dim ({self.projection_dim})."
             )
 
+    def tower_configs(self) -> tuple[HfClipTextConfig, HfClipVisionConfig]:
+        """`(text_config, vision_config)`, typed: `__post_init__` turns both fields into config objects (the field
+        annotations also admit the dicts and None that construction accepts)."""
+        text_config, vision_config = self.text_config, self.vision_config
+        if not isinstance(text_config, HfClipTextConfig) or not isinstance(vision_config, HfClipVisionConfig):
+            raise TypeError("text_config and vision_config must be HfClipTextConfig and HfClipVisionConfig objects.")
+        return text_config, vision_config
 
-def _foreign_keys_removed(sub_config: dict) -> dict:
-    """A transformers `CLIPConfig` dict carries its own `model_type`; the hf_clip sub-config sets its own."""
-    return {key: value for key, value in sub_config.items() if key != "model_type"}
+    @classmethod
+    def from_architecture(cls, name: str) -> "HfClipConfig":
+        """One of OpenAI's published CLIP architectures by name ("RN50" … "ViT-L-14-336", see
+        `architecture_names()`): the configuration its released weights load into.
+
+        The JSON is read from the installed package, so this works from a wheel as from a checkout. (A remote-code
+        copy of this module, which ships without the package data, imports fine but has no architectures to read.)
+        """
+        names = cls.architecture_names()
+        if name not in names:
+            raise ValueError(f"no published architecture named {name!r}; the known names are {', '.join(names)}.")
+        path = importlib.resources.files(ARCHITECTURES_PACKAGE) / ARCHITECTURES_FOLDER / (name + ARCHITECTURE_SUFFIX)
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    @staticmethod
+    def architecture_names() -> list[str]:
+        """The names `from_architecture` accepts, sorted: OpenAI's nine published CLIP models."""
+        folder = importlib.resources.files(ARCHITECTURES_PACKAGE) / ARCHITECTURES_FOLDER
+        return sorted(
+            entry.name.removesuffix(ARCHITECTURE_SUFFIX)
+            for entry in folder.iterdir()
+            if entry.name.endswith(ARCHITECTURE_SUFFIX)
+        )
+
+
+def _sub_config(config_class: type[SubConfig], value: dict | SubConfig | None) -> SubConfig:
+    """`value` as a `config_class` object: None gives the defaults; a dict (a transformers `CLIPConfig`'s too, whose
+    own `model_type` is dropped: the hf_clip sub-config sets its own) is parsed."""
+    if value is None:
+        return config_class()
+    if isinstance(value, dict):
+        return config_class(**{key: item for key, item in value.items() if key != "model_type"})
+    return value

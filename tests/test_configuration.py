@@ -1,57 +1,140 @@
-"""Configs: the published architecture files, equivalence with transformers' CLIPConfig, validation."""
+"""Configs: the published architectures, equivalence with transformers' CLIPConfig, validation."""
 
 import math
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, tiny_clip_config, tiny_config
 from huggingface_hub.errors import StrictDataclassClassValidationError
+from open_clip.model import CLIP
 from transformers import CLIPConfig, CLIPModel
 
 from hf_clip import HfClipConfig, HfClipModel, HfClipTextConfig, HfClipVisionConfig
+from hf_clip.foreign_configs import open_clip_model_cfg, transformers_clip_config
+from hf_clip.testing_utils import TINY_TEXT, TINY_VIT, tiny_clip_config, tiny_config
 
 # Config validators raise ValueError; huggingface_hub's strict dataclasses re-raise it wrapped, message included.
 CONFIG_ERRORS = (ValueError, StrictDataclassClassValidationError)
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conversion" / "configs"
 
-# (embed dim, resolution, vision layers, width, heads, patch, text width, text heads, parameters) from DESIGN §9,
-# i.e. the OpenAI paper's Table 19 / 20 and the parameter counts of OpenAI's released checkpoints.
+# Parameter counts of OpenAI's released checkpoints.
+PUBLISHED_PARAMETERS = {
+    "RN50": 102_007_137,
+    "RN101": 119_688_033,
+    "RN50x4": 178_300_601,
+    "RN50x16": 290_979_217,
+    "RN50x64": 623_258_305,
+    "ViT-B-32": 151_277_313,
+    "ViT-B-16": 149_620_737,
+    "ViT-L-14": 427_616_513,
+    "ViT-L-14-336": 427_944_193,
+}
+# (embed dim, resolution, vision layers, width, heads, patch, text width, text heads): the OpenAI paper's Tables 19
+# and 20.
 PUBLISHED_VITS = {
-    "ViT-B-32": (512, 224, 12, 768, 12, 32, 512, 8, 151_277_313),
-    "ViT-B-16": (512, 224, 12, 768, 12, 16, 512, 8, 149_620_737),
-    "ViT-L-14": (768, 224, 24, 1024, 16, 14, 768, 12, 427_616_513),
-    "ViT-L-14-336": (768, 336, 24, 1024, 16, 14, 768, 12, 427_944_193),
+    "ViT-B-32": (512, 224, 12, 768, 12, 32, 512, 8),
+    "ViT-B-16": (512, 224, 12, 768, 12, 16, 512, 8),
+    "ViT-L-14": (768, 224, 24, 1024, 16, 14, 768, 12),
+    "ViT-L-14-336": (768, 336, 24, 1024, 16, 14, 768, 12),
+}
+# (embed dim, resolution, blocks per stage, stem width, text width, text heads), from the same tables.
+PUBLISHED_RESNETS = {
+    "RN50": (1024, 224, [3, 4, 6, 3], 64, 512, 8),
+    "RN101": (512, 224, [3, 4, 23, 3], 64, 512, 8),
+    "RN50x4": (640, 288, [4, 6, 10, 6], 80, 640, 10),
+    "RN50x16": (768, 384, [6, 8, 18, 8], 96, 768, 12),
+    "RN50x64": (1024, 448, [3, 15, 36, 10], 128, 1024, 16),
 }
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_VITS))
-def test_published_config_describes_the_architecture(name: str) -> None:
-    embed, resolution, layers, width, heads, patch, text_width, text_heads, _ = PUBLISHED_VITS[name]
-    config = HfClipConfig.from_json_file(CONFIG_DIR / f"{name}.json")
-    text, vision = config.text_config, config.vision_config
-    assert isinstance(text, HfClipTextConfig) and isinstance(vision, HfClipVisionConfig)
+def test_the_package_ships_exactly_the_nine_published_architectures() -> None:
+    assert HfClipConfig.architecture_names() == sorted(PUBLISHED_PARAMETERS)
 
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_published_architecture_parameter_count(name: str) -> None:
+    config = HfClipConfig.from_architecture(name)
+    assert isinstance(config, HfClipConfig)
+    with torch.device("meta"):
+        model = HfClipModel(config)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_PARAMETERS[name]
+
+
+def test_unknown_architecture_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="no published architecture named 'ViT-B-64'") as error:
+        HfClipConfig.from_architecture("ViT-B-64")
+    assert all(name in str(error.value) for name in PUBLISHED_PARAMETERS)
+    # A name is a name, never a path into (or out of) the package's folder.
+    with pytest.raises(ValueError, match="no published architecture"):
+        HfClipConfig.from_architecture("../architectures/ViT-B-32")
+
+
+def _assert_openai_text_tower(text: HfClipTextConfig, width: int, heads: int) -> None:
+    assert (text.hidden_size, text.num_attention_heads, text.intermediate_size) == (width, heads, 4 * width)
+    assert (text.num_hidden_layers, text.max_position_embeddings, text.vocab_size) == (12, 77, 49408)
+    assert (text.bos_token_id, text.eos_token_id) == (49406, 49407)
+    assert text.hidden_act == "quick_gelu" and text.layer_norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_VITS))
+def test_published_vit_describes_the_architecture(name: str) -> None:
+    embed, resolution, layers, width, heads, patch, text_width, text_heads = PUBLISHED_VITS[name]
+    config = HfClipConfig.from_architecture(name)
+    text, vision = config.tower_configs()
     assert (config.projection_dim, text.projection_dim, vision.projection_dim) == (embed, embed, embed)
     assert config.logit_scale_init_value == pytest.approx(math.log(1 / 0.07), abs=1e-12)
     assert vision.backbone == "vit"
     assert (vision.image_size, vision.num_hidden_layers, vision.hidden_size) == (resolution, layers, width)
     assert (vision.num_attention_heads, vision.patch_size, vision.intermediate_size) == (heads, patch, 4 * width)
-    assert (text.hidden_size, text.num_attention_heads) == (text_width, text_heads)
-    assert text.intermediate_size == 4 * text_width
-    assert (text.num_hidden_layers, text.max_position_embeddings, text.vocab_size) == (12, 77, 49408)
-    assert (text.bos_token_id, text.eos_token_id) == (49406, 49407)
-    for tower in (text, vision):
-        assert tower.hidden_act == "quick_gelu"
-        assert tower.layer_norm_eps == 1e-5
+    assert vision.hidden_act == "quick_gelu" and vision.layer_norm_eps == 1e-5
+    _assert_openai_text_tower(text, text_width, text_heads)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_RESNETS))
+def test_published_resnet_describes_the_architecture(name: str) -> None:
+    embed, resolution, layers, width, text_width, text_heads = PUBLISHED_RESNETS[name]
+    config = HfClipConfig.from_architecture(name)
+    text, vision = config.tower_configs()
+    assert (config.projection_dim, text.projection_dim, vision.projection_dim) == (embed, embed, embed)
+    assert vision.backbone == "resnet"
+    assert (vision.image_size, vision.layers, vision.width) == (resolution, layers, width)
+    # The attention pool has width * 32 / 64 heads in every published ResNet.
+    assert vision.num_attention_heads == width * 32 // 64
+    _assert_openai_text_tower(text, text_width, text_heads)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
+def test_open_clip_model_cfg_builds_open_clip_s_own_architecture(name: str) -> None:
+    """open_clip's `<name>-quickgelu` config and the translated one build models with the same tensors."""
+    with torch.device("meta"):
+        ours = CLIP(**open_clip_model_cfg(HfClipConfig.from_architecture(name)))
+        reference = CLIP(**open_clip.get_model_config(f"{name}-quickgelu"))
+    assert _shapes(ours) == _shapes(reference)
+    # The activation holds no weights: compare the modules (QuickGELU for every published model).
+    assert type(ours.transformer.resblocks[0].mlp.gelu) is type(reference.transformer.resblocks[0].mlp.gelu)
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_VITS))
-def test_published_config_parameter_count(name: str) -> None:
-    config = HfClipConfig.from_json_file(CONFIG_DIR / f"{name}.json")
+def test_transformers_clip_config_builds_the_same_tensors(name: str) -> None:
+    config = HfClipConfig.from_architecture(name)
+    clip_config = transformers_clip_config(config)
     with torch.device("meta"):
-        model = HfClipModel(config)
-    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_VITS[name][-1]
+        assert _shapes(CLIPModel(clip_config)) == _shapes(HfClipModel(config))
+    assert clip_config.text_config.hidden_act == clip_config.vision_config.hidden_act == "quick_gelu"
+    assert clip_config.text_config.eos_token_id == 49407
+
+
+def test_foreign_configs_refuse_what_the_other_library_cannot_build() -> None:
+    with pytest.raises(ValueError, match="only a ViT image tower"):
+        transformers_clip_config(HfClipConfig.from_architecture("RN50"))
+    config = tiny_config()
+    config.text_config.layer_norm_eps = 1e-6
+    with pytest.raises(ValueError, match="LayerNorm eps"):
+        open_clip_model_cfg(config)
 
 
 def test_config_from_transformers_clip_config_builds_the_same_architecture() -> None:
@@ -69,7 +152,7 @@ def test_config_from_transformers_clip_config_builds_the_same_architecture() -> 
 def test_default_transformers_clip_config_is_vit_b_32() -> None:
     """transformers' CLIPConfig defaults are OpenAI's ViT-B/32: the converted config equals our published file."""
     converted = HfClipConfig.from_dict(CLIPConfig().to_dict())
-    published = HfClipConfig.from_json_file(CONFIG_DIR / "ViT-B-32.json")
+    published = HfClipConfig.from_architecture("ViT-B-32")
     architecture_fields = (
         "hidden_size",
         "intermediate_size",

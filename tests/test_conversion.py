@@ -9,18 +9,10 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_clip_config
-from conversion_helpers import (
-    randomize_,
-    save_hub_folder,
-    save_training_checkpoint,
-    tiny_model_for,
-    tiny_open_clip,
-    tiny_processor,
-)
 from open_clip.model import CLIP
 from transformers import CLIPConfig, CLIPModel
 
+from conversion.architectures import architecture_of, published_architecture
 from conversion.checks import ParityError, assert_parity, clip_model_outputs, parity_inputs
 from conversion.convert_open_clip import (
     config_for,
@@ -28,13 +20,7 @@ from conversion.convert_open_clip import (
     convert_open_clip_state_dict,
     load_open_clip_source,
 )
-from conversion.convert_openai import (
-    architecture_of,
-    convert_and_verify,
-    convert_openai_state_dict,
-    infer_openai_config,
-    published_architecture,
-)
+from conversion.convert_openai import convert_and_verify, convert_openai_state_dict, infer_openai_config
 from conversion.convert_transformers import (
     convert_hf_clip_state_dict_to_transformers,
     convert_transformers_state_dict,
@@ -42,11 +28,20 @@ from conversion.convert_transformers import (
     from_transformers,
     hf_clip_config_from_transformers,
     to_transformers,
-    transformers_config_from_hf_clip,
 )
 from conversion.open_clip_reference import hf_clip_config_from_open_clip, open_clip_outputs
 from conversion.safe_loading import load_torch_file
-from hf_clip import HfClipModel
+from conversion.testing_utils import (
+    randomize_,
+    save_hub_folder,
+    save_training_checkpoint,
+    tiny_model_for,
+    tiny_open_clip,
+    tiny_processor,
+)
+from hf_clip import HfClipConfig, HfClipModel
+from hf_clip.foreign_configs import transformers_clip_config
+from hf_clip.testing_utils import tiny_clip_config
 
 FAMILIES = ("vit", "resnet")
 
@@ -62,7 +57,12 @@ def test_architecture_inferred_from_weights_equals_open_clip_config(family):
     inferred = infer_openai_config(source.state_dict())
     assert architecture_of(inferred) == architecture_of(hf_clip_config_from_open_clip(model_cfg))
     assert inferred.vision_config.backbone == family
-    assert published_architecture(inferred) is None  # tiny: no published file matches
+    assert published_architecture(inferred) is None  # tiny: no published architecture matches
+
+
+@pytest.mark.parametrize("name", HfClipConfig.architecture_names())
+def test_each_published_architecture_is_recognised(name):
+    assert published_architecture(HfClipConfig.from_architecture(name)) == name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -187,7 +187,7 @@ def test_legacy_eos_token_id_pools_at_the_last_vocabulary_entry(tiny_transformer
 def test_resnet_export_to_transformers_is_refused():
     source, _ = tiny_open_clip("resnet")
     with pytest.raises(ValueError, match="only a ViT"):
-        transformers_config_from_hf_clip(infer_openai_config(source.state_dict()))
+        transformers_clip_config(infer_openai_config(source.state_dict()))
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,23 @@ import json
 import tarfile
 
 import torch
-from conversion_helpers import TINY_OPEN_CLIP_CONFIGS, randomize_, save_hub_folder, tiny_processor
 from huggingface_hub import metadata_load
 from open_clip.model import CLIP
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoProcessor, CLIPConfig, CLIPModel
+from transformers import AutoModel, AutoProcessor, CLIPModel
 
 from conversion import convert_open_clip, convert_openai, convert_transformers
 from conversion.checks import assert_parity, clip_model_outputs, parity_inputs
 from conversion.convert_transformers import to_transformers_processor
 from conversion.open_clip_reference import open_clip_outputs
+from conversion.testing_utils import (
+    TINY_OPEN_CLIP_CONFIGS,
+    randomize_,
+    save_hub_folder,
+    tiny_config_for,
+    tiny_processor,
+)
+from hf_clip.foreign_configs import transformers_clip_config
 
 FULL_VOCAB_TEXT = {"context_length": 16, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 1}
 
@@ -61,29 +68,10 @@ def test_convert_open_clip_cli_from_a_hub_folder_archive(tmp_path):
 def test_convert_transformers_cli_round_trip(tmp_path):
     processor = tiny_processor(image_size=32)
     tokenizer = processor.tokenizer
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "max_position_embeddings": 32,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-        },
-        vision_config={
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "image_size": 32,
-            "patch_size": 8,
-        },
-        projection_dim=16,
-    )
     torch.manual_seed(0)
-    randomize_(CLIPModel(config)).save_pretrained(tmp_path / "transformers")
+    # The source: a stock CLIPModel folder of a tiny architecture that fits the processor.
+    source = randomize_(CLIPModel(transformers_clip_config(tiny_config_for(processor))))
+    source.save_pretrained(tmp_path / "transformers")
     to_transformers_processor(processor).save_pretrained(tmp_path / "transformers")
 
     convert_transformers.main([str(tmp_path / "transformers"), str(tmp_path / "hf_clip")])

@@ -4,10 +4,10 @@ import json
 
 import evaluate
 import pytest
-from conversion_helpers import tiny_model_for, tiny_processor
 from huggingface_hub import metadata_load
 
-from conversion.model_card import TEMPLATE_PATH, load_eval_results, render_model_card
+from conversion.model_card import TEMPLATE_PATH, CardFacts, load_eval_results, render_model_card
+from conversion.testing_utils import tiny_model_for, tiny_processor
 
 RESULTS = {
     "model": "tiny",
@@ -30,18 +30,15 @@ def rendered(tmp_path_factory):
     results_path = evaluate.save(str(folder / "eval_results.json"), **RESULTS)
     processor = tiny_processor(image_size=32)
     model = tiny_model_for(processor)
-    card = render_model_card(
-        model,
-        processor,
-        model_name="tiny-clip",
-        repo_id="org/tiny-clip",
-        license="mit",
+    facts = CardFacts(
         source="a unit test",
+        license="mit",
         base_model="openai/clip-vit-base-patch32",
         datasets=["fashion_mnist"],
         eval_results=load_eval_results([results_path]),
         parity={"image_features": 1e-7, "text_features": 2e-7, "logits_per_image": 3e-6},
     )
+    card = render_model_card(model, processor, facts, repo_id="org/tiny-clip")
     card.save(folder / "README.md")
     return model, processor, folder / "README.md"
 
@@ -78,6 +75,7 @@ def test_body_has_measured_values_and_no_placeholder(rendered):
     assert "centre crop 32x32" in text and str(list(processor.image_processor.image_mean)) in text
     assert f"vocabulary of {len(processor.tokenizer)} tokens" in text
     assert "org/tiny-clip" in text and "3.00e-06" in text
+    assert "| published architecture | custom |" in text  # tiny: no published architecture matches
 
 
 def test_template_variable_without_a_value_is_an_error(rendered, tmp_path):
@@ -85,9 +83,7 @@ def test_template_variable_without_a_value_is_an_error(rendered, tmp_path):
     template = tmp_path / "card.md"
     template.write_text(TEMPLATE_PATH.read_text() + "\n{{ typed_in_number }}\n")
     with pytest.raises(ValueError, match="typed_in_number"):
-        render_model_card(
-            model, processor, model_name="m", repo_id="o/m", license="mit", source="s", template_path=template
-        )
+        render_model_card(model, processor, CardFacts("s", "mit"), repo_id="o/m", template_path=template)
 
 
 def test_results_without_a_dataset_name_are_refused(tmp_path):

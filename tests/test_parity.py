@@ -4,21 +4,19 @@ Weights are random and every parameter (LayerNorm gains, biases included) is per
 or a wrong activation cannot hide behind OpenAI's ones/zeros initialisation.
 """
 
-from pathlib import Path
-
 import open_clip
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, random_text, tiny_clip_config, tiny_config
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from torch import nn
 from transformers import CLIPModel
 
 from conversion.key_mappings import OPENAI_METADATA_KEYS, hf_clip_to_openai, openai_to_hf_clip
 from hf_clip import HfClipConfig, HfClipModel
+from hf_clip.synthetic import random_captions
+from hf_clip.testing_utils import TINY_TEXT, TINY_VIT, random_text, tiny_clip_config, tiny_config
 
 ATOL = 1e-5
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conversion" / "configs"
 # Three captions of different lengths (full, short, very short) so padding and per-row EOS pooling are exercised.
 TEXT_LENGTHS = [16, 9, 3]
 
@@ -105,18 +103,19 @@ def test_interpolated_positions_match_transformers() -> None:
 
 
 def open_clip_inputs(batch_size: int, context: int, vocab_size: int, image_size: int) -> dict[str, torch.Tensor]:
-    """Padded text whose EOS is the highest id (open_clip pools at argmax(ids)), with images."""
-    generator = torch.Generator().manual_seed(1)
-    eos, bos = vocab_size - 1, vocab_size - 2
-    lengths = torch.linspace(context, 3, batch_size).long()
-    input_ids = torch.randint(1, bos, (batch_size, context), generator=generator)
-    input_ids[:, 0] = bos
-    positions = torch.arange(context)[None]
-    ends = lengths[:, None] - 1
-    input_ids = torch.where(positions == ends, eos, torch.where(positions > ends, 0, input_ids))
+    """Padded text whose EOS is the highest id (open_clip pools at argmax(ids)), from full length down to 3 tokens,
+    with images."""
+    input_ids, attention_mask = random_captions(
+        batch_size,
+        context,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        lengths=torch.linspace(context, 3, batch_size).long(),
+        generator=torch.Generator().manual_seed(1),
+    )
     return {
         "input_ids": input_ids,
-        "attention_mask": (positions <= ends).long(),
+        "attention_mask": attention_mask,
         "pixel_values": random_pixels(batch_size, image_size, seed=2),
     }
 
@@ -159,7 +158,7 @@ def test_matches_open_clip_vit_b_32_full_size() -> None:
     reference = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).eval()
     # open_clip's init already randomises the matrices; perturb the ones/zeros (gains, biases) cheaply.
     perturb_parameters(reference, max_dims=1)
-    config = HfClipConfig.from_json_file(CONFIG_DIR / "ViT-B-32.json")
+    config = HfClipConfig.from_architecture("ViT-B-32")
     inputs = open_clip_inputs(2, context=77, vocab_size=49408, image_size=224)
     assert_matches_open_clip(reference, config, inputs)
 

@@ -1,27 +1,150 @@
 """Publishing: one folder (model + processor + card), checked in clean processes, uploaded with `upload_folder` to a
-loopback stand-in for the Hub (`tests/fake_hub.py`) reached through `HF_ENDPOINT`."""
+loopback stand-in for the Hub reached through `HF_ENDPOINT`.
 
+The stand-in implements as much of the Hub's write API as `HfApi.create_repo` + `upload_folder` call
+(huggingface_hub 1.x/2.x): `POST /api/repos/create`, `POST /api/validate-yaml`,
+`POST /api/models/{repo}/preupload/{revision}` (every file "regular", so contents travel inside the commit) and
+`POST /api/models/{repo}/commit/{revision}` (NDJSON: a header line, then one base64 "file" line per file).
+Anything else answers 404, so a client calling a route it does not know fails the test loudly.
+"""
+
+import base64
+import hashlib
 import json
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conversion_helpers import tiny_model_for, tiny_processor
-from fake_hub import fake_hub
+import yaml
 from huggingface_hub import constants, metadata_load
 
-from conversion.model_card import render_model_card
+from conversion.model_card import CardFacts, render_model_card
 from conversion.push_to_hub import folder_files, main, publish, save_folder, upload
+from conversion.testing_utils import tiny_model_for, tiny_processor
 from hf_clip import HfClipModel
+
+PREUPLOAD = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/preupload/(?P<revision>[^/?]+)")
+COMMIT = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/commit/(?P<revision>[^/?]+)")
+
+
+@dataclass
+class HubState:
+    repos: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    validated_yaml: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    commit_headers: list[dict] = field(default_factory=list)
+
+
+def _front_matter(content: str) -> object:
+    match = re.match(r"^---\n(.*?)\n---\n", content, flags=re.DOTALL)
+    return yaml.safe_load(match.group(1)) if match else None
+
+
+def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+            return
+
+        def _reply(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            state.requests.append(("GET", self.path))
+            self._reply(404, {"error": f"fake hub: no GET route {self.path}"})
+
+        def do_POST(self) -> None:
+            state.requests.append(("POST", self.path))
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            path = self.path.split("?")[0]
+            if path == "/api/repos/create":
+                request = json.loads(body)
+                repo_id = f"{request['organization']}/{request['name']}"
+                existed = repo_id in state.repos
+                state.repos.setdefault(repo_id, {})
+                if existed:
+                    self._reply(
+                        409, {"error": "You already created this model repo", "url": f"{base_url[0]}/{repo_id}"}
+                    )
+                else:
+                    self._reply(200, {"url": f"{base_url[0]}/{repo_id}", "name": repo_id})
+            elif path == "/api/validate-yaml":
+                content = json.loads(body)["content"]
+                state.validated_yaml.append(content)
+                try:
+                    metadata = _front_matter(content)
+                except yaml.YAMLError as error:
+                    self._reply(400, {"errors": [{"message": f"invalid YAML: {error}"}]})
+                    return
+                if not isinstance(metadata, dict):
+                    self._reply(400, {"errors": [{"message": "metadata must be a YAML mapping"}]})
+                    return
+                self._reply(200, {"errors": [], "warnings": []})
+            elif match := PREUPLOAD.match(path):
+                if match["repo"] not in state.repos:
+                    self._reply(404, {"error": "Repository not found"})
+                    return
+                files = json.loads(body)["files"]
+                self._reply(
+                    200,
+                    {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]},
+                )
+            elif match := COMMIT.match(path):
+                if match["repo"] not in state.repos:
+                    self._reply(404, {"error": "Repository not found"})
+                    return
+                repo = state.repos[match["repo"]]
+                for line in body.decode().splitlines():
+                    item = json.loads(line)
+                    if item["key"] == "header":
+                        state.commit_headers.append(item["value"])
+                    elif item["key"] == "file":
+                        repo[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+                    else:
+                        self._reply(400, {"error": f"fake hub: unsupported commit entry {item['key']}"})
+                        return
+                oid = hashlib.sha1(body).hexdigest()
+                self._reply(200, {"commitUrl": f"{base_url[0]}/{match['repo']}/commit/{oid}", "commitOid": oid})
+            else:
+                self._reply(404, {"error": f"fake hub: no POST route {path}"})
+
+    return Handler
+
+
+@contextmanager
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubState]:
+    """Serve the stand-in on 127.0.0.1 (a free port) in a thread and point huggingface_hub at it (its constants are
+    read at import, so they are patched too); yields what the server records."""
+    state = HubState()
+    base_url: list[str] = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state, base_url))
+    base_url.append(f"http://127.0.0.1:{server.server_address[1]}")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", base_url[0])
+    monkeypatch.setattr(constants, "ENDPOINT", base_url[0])
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_loopback_test")
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
 
 
 @pytest.fixture
 def hub(monkeypatch):
-    """The fake Hub, with huggingface_hub pointed at it (its constants are read at import, so they are patched)."""
-    with fake_hub() as (endpoint, state):
-        monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_loopback_test")
-        yield endpoint, state
+    with fake_hub(monkeypatch) as state:
+        yield state
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +162,24 @@ def _assert_arrived_intact(folder, state, repo_id):
 
 
 def test_dry_run_lists_files_and_contacts_nobody(hub, model_and_processor, tmp_path, capsys):
-    _, state = hub
     model, processor = model_and_processor
     save_folder(model, processor, tmp_path)
     assert upload(tmp_path, "org/tiny", push=False) == folder_files(tmp_path)
     assert "dry run" in capsys.readouterr().out
-    assert state.requests == []
+    assert hub.requests == []
 
 
 def test_upload_sends_exactly_the_folder_readme_included(hub, model_and_processor, tmp_path):
-    _, state = hub
     model, processor = model_and_processor
-    card = render_model_card(model, processor, model_name="tiny", repo_id="org/tiny", license="mit", source="a test")
+    card = render_model_card(model, processor, CardFacts(source="a test", license="mit"), repo_id="org/tiny")
     save_folder(model, processor, tmp_path, card)
     upload(tmp_path, "org/tiny", push=True)
-    _assert_arrived_intact(tmp_path, state, "org/tiny")
+    _assert_arrived_intact(tmp_path, hub, "org/tiny")
     # The server validated the custom card's YAML, and kept it (model.push_to_hub would have replaced it).
-    assert state.validated_yaml == [(tmp_path / "README.md").read_text()]
+    assert hub.validated_yaml == [(tmp_path / "README.md").read_text()]
     assert metadata_load(tmp_path / "README.md")["pipeline_tag"] == "zero-shot-image-classification"
-    paths = [path for method, path in state.requests if method == "POST"]
+    assert [header["summary"] for header in hub.commit_headers] == ["Upload hf_clip checkpoint"]
+    paths = [path for method, path in hub.requests if method == "POST"]
     assert paths == [
         "/api/repos/create",
         "/api/validate-yaml",
@@ -72,20 +194,9 @@ def published_remote_code(tmp_path_factory):
     processor = tiny_processor(image_size=32)
     model = tiny_model_for(processor)
     folder = tmp_path_factory.mktemp("remote") / "tiny-remote"
-    with pytest.MonkeyPatch.context() as monkeypatch, fake_hub() as (endpoint, state):
-        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_the_loopback_test")
-        published = publish(
-            model,
-            processor,
-            folder,
-            source="a test",
-            license="mit",
-            repo_id="org/tiny-remote",
-            push=True,
-            remote_code=True,
-        )
+    with pytest.MonkeyPatch.context() as monkeypatch, fake_hub(monkeypatch) as state:
+        facts = CardFacts(source="a test", license="mit")
+        published = publish(model, processor, folder, facts, repo_id="org/tiny-remote", push=True, remote_code=True)
     return model, published, state
 
 
@@ -130,7 +241,6 @@ def test_published_folder_arrives_intact(published_remote_code):
 
 
 def test_cli_checks_then_uploads(hub, published_remote_code):
-    _, state = hub
     _, published, _ = published_remote_code
     main([str(published.folder), "--repo-id", "org/from-cli", "--push"])
-    _assert_arrived_intact(published.folder, state, "org/from-cli")
+    _assert_arrived_intact(published.folder, hub, "org/from-cli")

@@ -1,9 +1,9 @@
-"""Shared pieces of the conversion, model-card and Hub tests: tiny open_clip models with random weights, the three
-open_clip/OpenAI file formats, and a tiny processor whose vocabulary fits a tiny model."""
+"""Tiny sources for the conversion, model-card and Hub tests (as `hf_clip.testing_utils` is for the package's
+tests): open_clip models with random weights written in open_clip's file formats, and a tiny hf_clip checkpoint
+(model + processor) whose vocabulary fits its text tower. Needs open_clip, like the converters."""
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
@@ -11,8 +11,10 @@ from open_clip.model import CLIP
 from open_clip.push_to_hf_hub import save_config_for_hf
 from safetensors.torch import save_file
 
-from conversion.processor_from_source import clip_image_processor
 from hf_clip import HfClipConfig, HfClipModel, HfClipProcessor, train_clip_bpe
+from hf_clip.testing_utils import TINY_TEXT, TINY_VIT
+
+from .processor_from_source import clip_image_processor
 
 # OpenAI derives heads as width / 64, so the smallest multi-head towers are 128 wide.
 TINY_TEXT_CFG = {"context_length": 16, "vocab_size": 99, "width": 128, "heads": 2, "layers": 2}
@@ -35,9 +37,12 @@ TINY_OPEN_CLIP_CONFIGS: dict[str, dict[str, Any]] = {
 CAPTIONS = [
     f"this is a photo of a {c} {t}." for c in ("red", "blue", "green") for t in ("cat", "dog", "car", "tree")
 ] * 5
+TINY_CONTEXT = 32
+
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+def randomize_(model: Module, seed: int = 0) -> Module:
     """Give every constant-initialised tensor random values: open_clip zero-initialises the last BatchNorm of each
     bottleneck (which would hide every residual branch from a parity check), and biases, LayerNorms and BatchNorm
     statistics start constant. Randomly initialised weights keep their scale, so activations stay realistic."""
@@ -54,6 +59,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_open_clip(family: str, quick_gelu: bool = True, seed: int = 0) -> tuple[CLIP, dict[str, Any]]:
+    """A tiny open_clip `CLIP` ("vit" or "resnet" image tower) with random weights, and its model config."""
     model_cfg = {**TINY_OPEN_CLIP_CONFIGS[family], "quick_gelu": quick_gelu}
     torch.manual_seed(seed)
     return randomize_(CLIP(**model_cfg), seed), model_cfg
@@ -79,35 +85,28 @@ def save_hub_folder(model: CLIP, model_cfg: dict[str, Any], folder: Path) -> Pat
     return folder
 
 
-def tiny_processor(image_size: int) -> HfClipProcessor:
-    tokenizer = train_clip_bpe(CAPTIONS, vocab_size=600, min_frequency=1, model_max_length=32)
+def tiny_processor(image_size: int = 32) -> HfClipProcessor:
+    """An `HfClipProcessor` with a BPE vocabulary of about 600 tokens trained on `CAPTIONS`."""
+    tokenizer = train_clip_bpe(CAPTIONS, vocab_size=600, min_frequency=1, model_max_length=TINY_CONTEXT)
     return HfClipProcessor(image_processor=clip_image_processor(image_size), tokenizer=tokenizer)
 
 
-def tiny_model_for(processor: HfClipProcessor, backbone: str = "vit", seed: int = 0) -> HfClipModel:
-    """A random tiny hf_clip model whose text tower fits `processor`'s vocabulary."""
+def tiny_config_for(processor: HfClipProcessor) -> HfClipConfig:
+    """A tiny ViT architecture (`hf_clip.testing_utils` sizes) that fits `processor`: its vocabulary, special tokens,
+    context and crop size."""
     tokenizer = processor.tokenizer
-    text = {
+    text_config = {
+        **TINY_TEXT,
         "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 32,
+        "max_position_embeddings": TINY_CONTEXT,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": 0,
     }
-    image_size = processor.image_processor.crop_size["height"]
-    vision: dict[str, Any] = {"backbone": backbone, "image_size": image_size}
-    if backbone == "vit":
-        vision.update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8)
-    else:
-        vision.update(layers=[1, 1, 1, 1], width=8, num_attention_heads=4)
+    vision_config = {**TINY_VIT, "image_size": processor.image_processor.crop_size["height"]}
+    return HfClipConfig(text_config=text_config, vision_config=vision_config, projection_dim=16)
+
+
+def tiny_model_for(processor: HfClipProcessor, seed: int = 0) -> HfClipModel:
+    """A model of `tiny_config_for(processor)` with random weights (constant-initialised tensors perturbed)."""
     torch.manual_seed(seed)
-    model = HfClipModel(HfClipConfig(text_config=text, vision_config=vision, projection_dim=16))
-    return randomize_(model, seed)
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    return randomize_(HfClipModel(tiny_config_for(processor)), seed)
