@@ -96,7 +96,6 @@ def test_results_files_record_environment_command_and_a_table(smoke_run):
 def test_bad_arguments_are_named():
     for argv, message in (
         (["--impls", "hf_clip,flax"], "unknown implementation 'flax'"),
-        (["--variants", "jit"], "unknown variant"),
         (["--arch", "ViT-Z-99", "--matmul-size", "64"], "ViT-Z-99"),
     ):
         result = run_benchmark("--device", "cpu", *argv)

@@ -268,6 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for impl in args.impls.split(","):
         if impl not in BUILDERS:
             raise ValueError(f"unknown implementation {impl!r}: choose from {sorted(BUILDERS)}")
+    # Every architecture is resolved before anything is measured or written.
+    args.configs = {arch: load_config(arch) for arch in args.arch.split(",")}
     return args
 
 
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(row), flush=True)
 
     for arch in args.arch.split(","):
-        config = load_config(arch)
+        config = args.configs[arch]
         name = Path(arch).stem
         batch_size = args.batch_size or DEFAULT_BATCH.get(name, 8)
         torch.manual_seed(0)

@@ -12,6 +12,7 @@
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +57,20 @@ def _channels_last(pixel_values: torch.Tensor) -> torch.Tensor:
     return pixel_values.contiguous(memory_format=torch.channels_last)
 
 
+def _clip_model_calls(model: Any) -> tuple[LossFn, Callable[[torch.Tensor], torch.Tensor]]:
+    """Loss and image encoding of a model with transformers' `CLIPModel` API (HfClipModel or CLIPModel itself)."""
+
+    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        return model(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        ).loss
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+
+    return loss, encode
+
+
 def build_hf_clip(
     config: HfClipConfig, device: torch.device, optimised: bool = True, checkpointing: bool = False
 ) -> Implementation:
@@ -68,14 +83,7 @@ def build_hf_clip(
     if resnet_channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
 
-    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
-        ).loss
-
-    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        return model.get_image_features(pixel_values=pixel_values).pooler_output
-
+    loss, encode = _clip_model_calls(model)
     return Implementation(
         name=("hf_clip-checkpointed" if checkpointing else "hf_clip") if optimised else "hf_clip-plain",
         model=model,
@@ -93,14 +101,7 @@ def build_transformers(config: HfClipConfig, device: torch.device) -> Implementa
         raise ImplementationUnavailable("transformers' CLIPModel has no ResNet image tower")
     model = CLIPModel._from_config(transformers_clip_config(config), attn_implementation="sdpa").to(device)
 
-    def loss(pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        return model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
-        ).loss
-
-    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        return model.get_image_features(pixel_values=pixel_values).pooler_output
-
+    loss, encode = _clip_model_calls(model)
     return Implementation("transformers", model, loss, encode, _unchanged_text, _unchanged_pixels)
 
 
