@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from transformers import ProcessorMixin, TextKwargs
+from transformers import BatchFeature, ProcessorMixin, TextKwargs
 
 
 class HfClipProcessor(ProcessorMixin):
@@ -18,6 +18,14 @@ class HfClipProcessor(ProcessorMixin):
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images: Any = None, text: Any = None, **kwargs: Any) -> BatchFeature:
+        # Left to transformers, an empty text list fails deep in the tokenizer and an empty image list gives a
+        # pixel_values tensor no model accepts.
+        for name, inputs in (("text", text), ("images", images)):
+            if isinstance(inputs, list | tuple) and not inputs:
+                raise ValueError(f"HfClipProcessor got an empty list of {name}; pass at least one or leave it out.")
+        return super().__call__(images=images, text=text, **kwargs)
 
 
 __all__ = ["HfClipProcessor"]

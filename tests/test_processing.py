@@ -8,10 +8,10 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT
 from transformers import AutoProcessor, pipeline
 
 from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipModel, HfClipProcessor, HfClipTokenizer, train_clip_bpe
+from hf_clip.testing_utils import TINY_TEXT, TINY_VIT
 
 EOS = 49407
 CAPTIONS = ["a photo of a cat", "Fish &amp; Chips “served” hot", "", "dog " * 120]
@@ -44,6 +44,20 @@ def test_processor_outputs(processor):
     short = processor(text=CAPTIONS[:2], return_tensors="pt")
     assert short["input_ids"].shape[1] < 77 and "pixel_values" not in short
     assert processor(text=CAPTIONS[:1], padding="max_length", return_tensors="pt")["input_ids"].shape == (1, 77)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "empty"),
+    [
+        ({"text": []}, "text"),
+        ({"images": []}, "images"),
+        ({"text": [], "images": [noise_image(8, 8)]}, "text"),
+        ({"text": ["a photo"], "images": []}, "images"),
+    ],
+)
+def test_empty_lists_are_a_clear_error(processor, inputs, empty):
+    with pytest.raises(ValueError, match=f"empty list of {empty}"):
+        processor(**inputs, return_tensors="pt")
 
 
 def test_reload_in_fresh_process_through_auto_classes(processor, tmp_path):
