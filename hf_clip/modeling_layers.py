@@ -1,10 +1,14 @@
-"""Transformer blocks shared by the ViT image tower and the text tower, and the common pretrained-model base.
+"""Transformer blocks shared by the ViT image tower and the text tower, the output options every tower follows, and the
+common pretrained-model base with the one `_init_weights`.
 
 Module and parameter names equal transformers' CLIP names (`self_attn.{q,k,v,out}_proj`, `layer_norm1/2`,
 `mlp.fc1/fc2`), so transformers checkpoints load with an identity key mapping.
 """
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -14,8 +18,53 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput
 
-from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
+from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipTowerConfig, HfClipVisionConfig
+
+OutputT = TypeVar("OutputT", bound=ModelOutput)
+
+
+@dataclass
+class OutputRecorder:
+    """A forward's output options, and the hidden states and attention maps they ask the towers to record.
+
+    Built by `HfClipPreTrainedModel.output_recorder`; `pack` returns an output as a ModelOutput or, with
+    `return_dict=False`, as the tuple of its set fields.
+    """
+
+    output_attentions: bool
+    output_hidden_states: bool
+    return_dict: bool
+    # Filled only on request: kept references would hold every layer's activations alive under no_grad.
+    hidden_states: tuple[torch.Tensor, ...] | None = field(default=None, init=False)
+    attentions: tuple[torch.Tensor, ...] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.hidden_states = () if self.output_hidden_states else None
+        self.attentions = () if self.output_attentions else None
+
+    def record(self, hidden_states: torch.Tensor | None = None, attentions: torch.Tensor | None = None) -> None:
+        """Keeps what the options ask for; backends that return no attention map (sdpa, flash) add none."""
+        if self.hidden_states is not None and hidden_states is not None:
+            self.hidden_states += (hidden_states,)
+        if self.attentions is not None and attentions is not None:
+            self.attentions += (attentions,)
+
+    def pack(self, output: OutputT) -> OutputT | tuple:
+        return output if self.return_dict else output.to_tuple()
+
+    def tower_output(
+        self, last_hidden_state: torch.Tensor, pooler_output: torch.Tensor
+    ) -> BaseModelOutputWithPooling | tuple:
+        return self.pack(
+            BaseModelOutputWithPooling(
+                last_hidden_state=last_hidden_state,
+                pooler_output=pooler_output,
+                hidden_states=self.hidden_states,
+                attentions=self.attentions,
+            )
+        )
 
 
 def eager_attention_forward(
@@ -43,34 +92,43 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
-class HfClipAttention(nn.Module):
-    """Multi-head self-attention dispatched through transformers' attention backends (eager, sdpa, ...)."""
+class HfClipResidualLinear(nn.Linear):
+    """A Linear that writes a block's output into the residual stream (attention `out_proj`, MLP `fc2`). The type
+    marks it for `_init_weights`, which scales its std by (2·num_layers)^-0.5 as OpenAI does."""
 
-    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig, is_causal: bool):
+
+class HfClipMLPInputLinear(nn.Linear):
+    """The MLP's first Linear (`fc1`). The type marks it for `_init_weights` (OpenAI's std (2·width)^-0.5)."""
+
+
+class HfClipMultiHeadAttention(nn.Module):
+    """Query, key and value projections split into heads, and the dispatch to transformers' attention backends
+    (eager, sdpa, ...). HfClipAttention and the ResNet's attention pool add their own output projection."""
+
+    def __init__(self, config: HfClipTowerConfig, embed_dim: int, is_causal: bool):
         super().__init__()
         self.config = config
-        self.embed_dim = config.hidden_size
+        self.embed_dim = embed_dim
         self.num_heads = config.num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
+        self.head_dim = embed_dim // self.num_heads
         self.scale = self.head_dim**-0.5
-        self.dropout = config.attention_dropout
-        # Always explicit: sdpa treats a missing attribute as causal, which would silently mask the image tower.
+        # Always explicit: sdpa treats a missing attribute as causal, which would silently mask an image tower.
         self.is_causal = is_causal
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
 
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
-
-    def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    def attend(
+        self, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, seq_len, _ = hidden_states.shape
-        head_shape = (batch_size, seq_len, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(head_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(head_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
-
+        """Attention of `queries` (batch, q_len, embed_dim) over `keys` (batch, kv_len, embed_dim), which also give
+        the values. Returns the heads' outputs side by side, (batch, q_len, embed_dim), and the attention maps where
+        the backend computes them."""
+        batch_size = queries.shape[0]
+        head_shape = (batch_size, -1, self.num_heads, self.head_dim)
+        query = self.q_proj(queries).view(head_shape).transpose(1, 2)
+        key = self.k_proj(keys).view(head_shape).transpose(1, 2)
+        value = self.v_proj(keys).view(head_shape).transpose(1, 2)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -81,11 +139,26 @@ class HfClipAttention(nn.Module):
             value,
             attention_mask,
             scaling=self.scale,
-            dropout=self.dropout if self.training else 0.0,
+            dropout=dropout,
             is_causal=self.is_causal,
         )
-        attn_output = self.out_proj(attn_output.reshape(batch_size, seq_len, self.embed_dim))
-        return attn_output, attn_weights
+        return attn_output.reshape(batch_size, -1, self.embed_dim), attn_weights
+
+
+class HfClipAttention(HfClipMultiHeadAttention):
+    """Multi-head self-attention of a transformer block."""
+
+    def __init__(self, config: HfClipTextConfig | HfClipVisionConfig, is_causal: bool):
+        super().__init__(config, config.hidden_size, is_causal)
+        self.dropout = config.attention_dropout
+        self.out_proj = HfClipResidualLinear(self.embed_dim, self.embed_dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dropout = self.dropout if self.training else 0.0
+        attn_output, attn_weights = self.attend(hidden_states, hidden_states, attention_mask, dropout)
+        return self.out_proj(attn_output), attn_weights
 
 
 class HfClipMLP(nn.Module):
@@ -93,8 +166,8 @@ class HfClipMLP(nn.Module):
         super().__init__()
         self.config = config
         self.activation_fn = ACT2FN[config.hidden_act]
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = HfClipMLPInputLinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = HfClipResidualLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.activation_fn(self.fc1(hidden_states)))
@@ -127,63 +200,30 @@ class HfClipEncoder(nn.Module):
         )
 
     def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        """Returns (last hidden state, hidden states: the input then every layer's output, attention maps)."""
-        # Collected only on request: kept references would hold every layer's activations alive under no_grad.
-        all_hidden_states: tuple[torch.Tensor, ...] | None = (hidden_states,) if output_hidden_states else None
-        all_attentions: tuple[torch.Tensor, ...] | None = () if output_attentions else None
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, recorder: OutputRecorder
+    ) -> torch.Tensor:
+        """The last layer's output; records the input, every layer's output and every attention map."""
+        recorder.record(hidden_states)
         for layer in self.layers:
             hidden_states, attn_weights = layer(hidden_states, attention_mask)
-            if all_hidden_states is not None:
-                all_hidden_states += (hidden_states,)
-            if all_attentions is not None and attn_weights is not None:
-                all_attentions += (attn_weights,)
-        return hidden_states, all_hidden_states, all_attentions
+            recorder.record(hidden_states, attn_weights)
+        return hidden_states
 
 
-def check_pixel_values(
-    pixel_values: torch.Tensor | None, num_channels: int, image_size: int, interpolate_pos_encoding: bool
-) -> torch.Tensor:
-    """The image towers' input check; returns the tensor so the caller keeps a non-optional type."""
-    if pixel_values is None:
-        raise ValueError("the image tower needs `pixel_values`.")
-    if pixel_values.dim() != 4 or pixel_values.shape[1] != num_channels:
-        raise ValueError(
-            f"pixel_values must be (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
-        )
-    height, width = pixel_values.shape[-2:]
-    if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
-        raise ValueError(
-            f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
-            "pass interpolate_pos_encoding=True to run at another resolution."
-        )
-    return pixel_values
-
-
-def tower_output(
-    last_hidden_state: torch.Tensor,
-    pooled_output: torch.Tensor,
-    hidden_states: tuple[torch.Tensor, ...] | None,
-    attentions: tuple[torch.Tensor, ...] | None,
-    return_dict: bool,
-) -> BaseModelOutputWithPooling | tuple:
-    if not return_dict:
-        return tuple(v for v in (last_hidden_state, pooled_output, hidden_states, attentions) if v is not None)
-    return BaseModelOutputWithPooling(
-        last_hidden_state=last_hidden_state,
-        pooler_output=pooled_output,
-        hidden_states=hidden_states,
-        attentions=attentions,
+def resized_grid_positions(positions: torch.Tensor, grid_size: int, height: int, width: int) -> torch.Tensor:
+    """Positions of one extra token (class or mean token) then a grid_size² grid, with the grid resized bicubically to
+    height x width; the extra token's position is kept."""
+    embed_dim = positions.shape[-1]
+    extra_position, grid_positions = positions[:1], positions[1:]
+    grid_positions = grid_positions.reshape(1, grid_size, grid_size, embed_dim).permute(0, 3, 1, 2)
+    grid_positions = nn.functional.interpolate(
+        grid_positions, size=(height, width), mode="bicubic", align_corners=False
     )
+    return torch.cat([extra_position, grid_positions.permute(0, 2, 3, 1).reshape(-1, embed_dim)])
 
 
 class HfClipPreTrainedModel(PreTrainedModel):
-    """Base of every hf_clip model. Initialisation follows OpenAI's CLIP (DESIGN §9); towers extend it."""
+    """Base of every hf_clip model: output options and OpenAI's initialisation."""
 
     config: HfClipConfig | HfClipTextConfig | HfClipVisionConfig
     base_model_prefix = "hf_clip"
@@ -192,42 +232,115 @@ class HfClipPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck"]
 
-    @classmethod
-    def is_custom_code(cls) -> bool:
-        # transformers treats every model outside its own namespace as custom code and then skips `_init_weights` for
-        # modules without parameters of their own (HfClipAttention, HfClipMLP), leaving PyTorch's default init. That
-        # shortcut guards remote code that writes tensors in place; ours writes only through
-        # `transformers.initialization`, which already leaves loaded weights alone.
-        return False
-
-    def output_flags(
+    def output_recorder(
         self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
-    ) -> tuple[bool, bool, bool]:
+    ) -> OutputRecorder:
         """Call arguments win; unset ones fall back to the config, as in every transformers model."""
-        return (
-            bool(output_attentions if output_attentions is not None else self.config.output_attentions),
-            bool(output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states),
-            bool(return_dict if return_dict is not None else self.config.return_dict),
+        config = self.config
+        return OutputRecorder(
+            output_attentions=bool(config.output_attentions if output_attentions is None else output_attentions),
+            output_hidden_states=bool(
+                config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            ),
+            return_dict=bool(config.return_dict if return_dict is None else return_dict),
         )
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """OpenAI's initialisation.
+
+        transformers counts hf_clip as custom code and so skips this method for modules that own no parameters or
+        buffers (HfClipAttention, HfClipMLP, the projection models). Each rule is therefore stated on a module that
+        owns what it sets: a leaf, whose role its type tells (HfClipResidualLinear, HfClipMLPInputLinear,
+        HfClipResidualBatchNorm) or the tower it sits in (`self`, the innermost hf_clip model around it); the
+        embeddings; the joint model.
+        """
+        # These modules import this one.
+        from .modeling_hf_clip import HfClipModel
+        from .modeling_resnet import HfClipResidualBatchNorm, HfClipResNetModel
+        from .modeling_text import HfClipTextEmbeddings
+        from .modeling_vit import HfClipVisionEmbeddings
+
         factor = self.config.initializer_factor
-        if isinstance(module, HfClipAttention):
-            num_layers = module.config.num_hidden_layers
-            attn_std = module.embed_dim**-0.5 * factor
-            proj_std = module.embed_dim**-0.5 * (2 * num_layers) ** -0.5 * factor
-            for proj in (module.q_proj, module.k_proj, module.v_proj):
-                init.normal_(proj.weight, std=attn_std)
-                init.zeros_(proj.bias)
-            init.normal_(module.out_proj.weight, std=proj_std)
-            init.zeros_(module.out_proj.bias)
-        elif isinstance(module, HfClipMLP):
-            width, num_layers = module.config.hidden_size, module.config.num_hidden_layers
-            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
-            init.normal_(module.fc2.weight, std=width**-0.5 * (2 * num_layers) ** -0.5 * factor)
-            init.zeros_(module.fc1.bias)
-            init.zeros_(module.fc2.bias)
-        elif isinstance(module, nn.LayerNorm):
+        # OpenAI's ResNet keeps PyTorch's initialisation for convolutions and for the attention pool's biases.
+        in_resnet = isinstance(self, HfClipResNetModel)
+        if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+        elif isinstance(module, HfClipResidualLinear):
+            # Scaled down with depth so the residual stream's variance does not grow with the number of blocks.
+            num_layers = self.config.num_hidden_layers
+            init.normal_(module.weight, std=module.out_features**-0.5 * (2 * num_layers) ** -0.5 * factor)
+            init.zeros_(module.bias)
+        elif isinstance(module, HfClipMLPInputLinear):
+            init.normal_(module.weight, std=(2 * module.in_features) ** -0.5 * factor)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            # q/k/v (the attention pool's too), the pool's c_proj and the projections into the joint space.
+            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
+            if module.bias is not None and in_resnet:
+                bound = module.in_features**-0.5
+                init.uniform_(module.bias, -bound, bound)
+            elif module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d) and in_resnet:
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, nn.BatchNorm2d):
+            # The identity, except each bottleneck's last BatchNorm: zero, so every block starts as the identity.
+            init.constant_(module.weight, 0.0 if isinstance(module, HfClipResidualBatchNorm) else 1.0)
+            init.zeros_(module.bias)
+            for name, buffer in module.named_buffers():
+                # running_var starts at 1; running_mean and num_batches_tracked at 0.
+                if name == "running_var":
+                    init.ones_(buffer)
+                else:
+                    init.zeros_(buffer)
+        elif isinstance(module, nn.Embedding) and in_resnet:
+            # The attention pool's positions: open_clip's randn / embed_dim ** 0.5.
+            init.normal_(module.weight, std=module.embedding_dim**-0.5 * factor)
+        elif isinstance(module, HfClipTextEmbeddings):
+            init.normal_(module.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.position_embedding.weight, std=0.01 * factor)
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, HfClipVisionEmbeddings):
+            scale = module.embed_dim**-0.5 * factor
+            init.normal_(module.class_embedding, std=scale)
+            init.normal_(module.position_embedding.weight, std=scale)
+            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range)
+            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+        elif isinstance(module, HfClipModel):
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+class HfClipTextPreTrainedModel(HfClipPreTrainedModel):
+    """Base of the models that read text (an HfClipTextConfig)."""
+
+    config: HfClipTextConfig
+    config_class = HfClipTextConfig
+    input_modalities = "text"
+
+
+class HfClipVisionPreTrainedModel(HfClipPreTrainedModel):
+    """Base of the models that read images (an HfClipVisionConfig, `pixel_values`)."""
+
+    config: HfClipVisionConfig
+    config_class = HfClipVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = "image"
+
+    def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool) -> torch.Tensor:
+        """The image towers' input check; returns the tensor so the caller keeps a non-optional type."""
+        if pixel_values is None:
+            raise ValueError("the image tower needs `pixel_values`.")
+        num_channels, image_size = self.config.num_channels, self.config.image_size
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        height, width = pixel_values.shape[-2:]
+        if (height, width) != (image_size, image_size) and not interpolate_pos_encoding:
+            raise ValueError(
+                f"input images are {height}x{width} but the model takes {image_size}x{image_size}; "
+                "pass interpolate_pos_encoding=True to run at another resolution."
+            )
+        return pixel_values

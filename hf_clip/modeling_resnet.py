@@ -11,18 +11,17 @@ gradients are unchanged; the running averages move with an effective momentum of
 holds for the training script's feature-cached gradient accumulation, which runs each micro-batch forward twice.
 """
 
-import math
-from collections.abc import Callable
-
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipPreTrainedModel, check_pixel_values, eager_attention_forward, tower_output
+from .modeling_layers import (
+    HfClipMultiHeadAttention,
+    HfClipVisionPreTrainedModel,
+    resized_grid_positions,
+)
 
 # Channels of a bottleneck's output relative to its inner width.
 EXPANSION = 4
@@ -100,7 +99,7 @@ def make_stage(in_channels: int, planes: int, num_blocks: int, stride: int) -> n
     return nn.Sequential(*blocks)
 
 
-class HfClipAttentionPool(nn.Module):
+class HfClipAttentionPool(HfClipMultiHeadAttention):
     """Multi-head attention over the flattened feature map plus its mean; the mean token is the only query.
 
     Positions cover the training grid plus the mean token. `c_proj` maps into the joint embedding space, so the
@@ -108,33 +107,17 @@ class HfClipAttentionPool(nn.Module):
     """
 
     def __init__(self, config: HfClipVisionConfig):
-        super().__init__()
-        self.config = config
-        self.embed_dim = config.width * 32
-        self.num_heads = config.num_attention_heads
-        self.head_dim = self.embed_dim // self.num_heads
-        self.scale = self.head_dim**-0.5
-        self.is_causal = False
+        super().__init__(config, embed_dim=config.width * 32, is_causal=False)
         self.grid_size = config.image_size // 32
         self.position_embedding = nn.Embedding(self.grid_size**2 + 1, self.embed_dim)
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.c_proj = nn.Linear(self.embed_dim, config.projection_dim)
 
     def interpolated_positions(self, height: int, width: int) -> torch.Tensor:
         """Grid positions resized bicubically to a (height, width) feature map; the mean-token position is kept."""
-        positions = self.position_embedding.weight
-        mean_position, grid_positions = positions[:1], positions[1:]
-        grid_positions = grid_positions.reshape(1, self.grid_size, self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
-        grid_positions = nn.functional.interpolate(
-            grid_positions, size=(height, width), mode="bicubic", align_corners=False
-        )
-        grid_positions = grid_positions.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
-        return torch.cat([mean_position, grid_positions])
+        return resized_grid_positions(self.position_embedding.weight, self.grid_size, height, width)
 
     def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch_size, _, height, width = feature_map.shape
+        _, _, height, width = feature_map.shape
         tokens = feature_map.flatten(2).transpose(1, 2)
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
         if (height, width) == (self.grid_size, self.grid_size):
@@ -142,29 +125,15 @@ class HfClipAttentionPool(nn.Module):
         else:
             positions = self.interpolated_positions(height, width)
         tokens = tokens + positions.to(tokens.dtype)
-
-        head_shape = (batch_size, -1, self.num_heads, self.head_dim)
-        query = self.q_proj(tokens[:, :1]).view(head_shape).transpose(1, 2)
-        key = self.k_proj(tokens).view(head_shape).transpose(1, 2)
-        value = self.v_proj(tokens).view(head_shape).transpose(1, 2)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self, query, key, value, None, scaling=self.scale, dropout=0.0, is_causal=False
-        )
-        pooled = self.c_proj(attn_output.reshape(batch_size, self.embed_dim))
-        return pooled, attn_weights
+        pooled, attn_weights = self.attend(tokens[:, :1], tokens, None, dropout=0.0)
+        return self.c_proj(pooled[:, 0]), attn_weights
 
 
-class HfClipResNetModel(HfClipPreTrainedModel):
+class HfClipResNetModel(HfClipVisionPreTrainedModel):
     """Modified-ResNet image tower. `last_hidden_state` is the final (batch, width·32, h, w) feature map and
-    `pooler_output` the attention pool's output, already in the joint embedding space (`projection_dim`)."""
-
-    config: HfClipVisionConfig
-    config_class = HfClipVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = "image"
+    `pooler_output` the attention pool's output, already in the joint embedding space (`projection_dim`): unlike the
+    ViT's, this tower's pooled output is the image embedding itself. `hidden_states` are the stem's and each stage's
+    feature maps, `attentions` the pool's map."""
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -182,34 +151,11 @@ class HfClipResNetModel(HfClipPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
+        """The stem's first convolution: the layer that reads the pixels."""
         return self.stem.conv1
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        # transformers calls this only for modules that hold parameters themselves (for custom-code models it skips
-        # containers), so every rule is stated on a leaf module. OpenAI's init (DESIGN §9): convolutions keep PyTorch's
-        # default, BatchNorm starts as the identity except each bottleneck's last one (zero), and the attention pool's
-        # projections, its only Linears, all take width·32 inputs: weights std in_features^-0.5, biases PyTorch's.
-        super()._init_weights(module)
-        factor = self.config.initializer_factor
-        if isinstance(module, nn.Conv2d):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-        elif isinstance(module, nn.BatchNorm2d):
-            init.constant_(module.weight, 0.0 if isinstance(module, HfClipResidualBatchNorm) else 1.0)
-            init.zeros_(module.bias)
-            for name, buffer in module.named_buffers():
-                # running_var starts at 1; running_mean and num_batches_tracked at 0.
-                if name == "running_var":
-                    init.ones_(buffer)
-                else:
-                    init.zeros_(buffer)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=module.in_features**-0.5 * factor)
-            bound = module.in_features**-0.5
-            init.uniform_(module.bias, -bound, bound)
-        elif isinstance(module, nn.Embedding):
-            # The attention pool's positions: open_clip's randn / embed_dim ** 0.5.
-            init.normal_(module.weight, std=module.embedding_dim**-0.5 * factor)
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.stem.add_module("conv1", value)
 
     def forward(
         self,
@@ -218,22 +164,14 @@ class HfClipResNetModel(HfClipPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
-        pixel_values = check_pixel_values(
-            pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding
-        )
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
-        )
-
+        pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
         hidden_states = self.stem(pixel_values.to(self.stem.conv1.weight.dtype))
-        all_hidden_states: tuple[torch.Tensor, ...] = (hidden_states,)
+        recorder.record(hidden_states)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             hidden_states = stage(hidden_states)
-            all_hidden_states += (hidden_states,)
+            recorder.record(hidden_states)
         pooled_output, attn_weights = self.attention_pool(hidden_states)
-
-        hidden_states_out = all_hidden_states if output_hidden_states else None
-        attentions = (attn_weights,) if output_attentions and attn_weights is not None else None
-        return tower_output(hidden_states, pooled_output, hidden_states_out, attentions, return_dict)
+        recorder.record(attentions=attn_weights)
+        return recorder.tower_output(hidden_states, pooled_output)

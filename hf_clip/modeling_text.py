@@ -2,11 +2,10 @@
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipTextConfig
-from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, tower_output
+from .modeling_layers import HfClipEncoder, HfClipTextPreTrainedModel
 
 
 class HfClipTextEmbeddings(nn.Module):
@@ -36,13 +35,8 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
     )
 
 
-class HfClipTextModel(HfClipPreTrainedModel):
+class HfClipTextModel(HfClipTextPreTrainedModel):
     """Causal text transformer; `pooler_output` is the final-LayerNorm state at each sequence's first EOS token."""
-
-    config: HfClipTextConfig
-    config_class = HfClipTextConfig
-    input_modalities = "text"
-    _input_embed_layer = "token_embedding"
 
     def __init__(self, config: HfClipTextConfig):
         super().__init__(config)
@@ -51,14 +45,11 @@ class HfClipTextModel(HfClipPreTrainedModel):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, HfClipTextEmbeddings):
-            factor = self.config.initializer_factor
-            init.normal_(module.token_embedding.weight, std=0.02 * factor)
-            init.normal_(module.position_embedding.weight, std=0.01 * factor)
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.add_module("token_embedding", value)
 
     def forward(
         self,
@@ -68,13 +59,10 @@ class HfClipTextModel(HfClipPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
         if input_ids is None:
             raise ValueError("HfClipTextModel needs `input_ids`.")
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
-        )
+        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         eos_positions = self.first_eos_positions(input_ids, attention_mask)
 
@@ -83,13 +71,9 @@ class HfClipTextModel(HfClipPreTrainedModel):
         mask = None
         if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             mask = causal_padding_mask(attention_mask.view(input_ids.shape), hidden_states.dtype)
-        last_hidden_state, hidden_states_all, attentions = self.encoder(
-            hidden_states, mask, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
-        last_hidden_state = self.final_layer_norm(last_hidden_state)
+        last_hidden_state = self.final_layer_norm(self.encoder(hidden_states, mask, recorder))
         pooled_output = last_hidden_state[torch.arange(last_hidden_state.shape[0]), eos_positions]
-
-        return tower_output(last_hidden_state, pooled_output, hidden_states_all, attentions, return_dict)
+        return recorder.tower_output(last_hidden_state, pooled_output)
 
     def first_eos_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Index of each row's first attended EOS token (EOS used as left padding is masked out, not pooled)."""

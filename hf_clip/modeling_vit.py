@@ -2,11 +2,10 @@
 
 import torch
 from torch import nn
-from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipEncoder, HfClipPreTrainedModel, check_pixel_values, tower_output
+from .modeling_layers import HfClipEncoder, HfClipVisionPreTrainedModel, resized_grid_positions
 
 
 class HfClipVisionEmbeddings(nn.Module):
@@ -25,18 +24,9 @@ class HfClipVisionEmbeddings(nn.Module):
 
     def interpolated_positions(self, height: int, width: int) -> torch.Tensor:
         """Patch positions resized bicubically to a (height, width) image's grid; the class position is kept."""
+        grid_size, patch_size = self.image_size // self.patch_size, self.patch_size
         positions = self.position_embedding.weight
-        class_position, patch_positions = positions[:1], positions[1:]
-        grid = self.image_size // self.patch_size
-        patch_positions = patch_positions.reshape(1, grid, grid, self.embed_dim).permute(0, 3, 1, 2)
-        patch_positions = nn.functional.interpolate(
-            patch_positions,
-            size=(height // self.patch_size, width // self.patch_size),
-            mode="bicubic",
-            align_corners=False,
-        )
-        patch_positions = patch_positions.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
-        return torch.cat([class_position, patch_positions])[None]
+        return resized_grid_positions(positions, grid_size, height // patch_size, width // patch_size)[None]
 
     def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
@@ -50,14 +40,8 @@ class HfClipVisionEmbeddings(nn.Module):
         return embeddings + self.interpolated_positions(height, width)
 
 
-class HfClipVisionTransformer(HfClipPreTrainedModel):
+class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
     """ViT image tower; `pooler_output` is the post-LayerNorm class token (before the projection)."""
-
-    config: HfClipVisionConfig
-    config_class = HfClipVisionConfig
-    main_input_name = "pixel_values"
-    input_modalities = "image"
-    _input_embed_layer = "patch_embedding"
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -67,15 +51,12 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, HfClipVisionEmbeddings):
-            scale = module.embed_dim**-0.5 * self.config.initializer_factor
-            init.normal_(module.class_embedding, std=scale)
-            init.normal_(module.position_embedding.weight, std=scale)
-            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range)
-            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
+    def get_input_embeddings(self) -> nn.Module:
+        """The patch embedding, as transformers' CLIPVisionModel returns."""
+        return self.embeddings.patch_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.add_module("patch_embedding", value)
 
     def forward(
         self,
@@ -84,19 +65,9 @@ class HfClipVisionTransformer(HfClipPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling | tuple:
-        pixel_values = check_pixel_values(
-            pixel_values, self.config.num_channels, self.config.image_size, interpolate_pos_encoding
-        )
-        output_attentions, output_hidden_states, return_dict = self.output_flags(
-            output_attentions, output_hidden_states, return_dict
-        )
-
+        pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
-        last_hidden_state, hidden_states_all, attentions = self.encoder(
-            hidden_states, output_attentions=output_attentions, output_hidden_states=output_hidden_states
-        )
-        pooled_output = self.post_layernorm(last_hidden_state[:, 0])
-
-        return tower_output(last_hidden_state, pooled_output, hidden_states_all, attentions, return_dict)
+        last_hidden_state = self.encoder(hidden_states, None, recorder)
+        return recorder.tower_output(last_hidden_state, self.post_layernorm(last_hidden_state[:, 0]))

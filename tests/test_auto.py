@@ -1,15 +1,18 @@
 """Serialisation and Auto classes: save/load round trips, nothing left uninitialised, resolution in a fresh process."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
-from conftest import random_text, tiny_config
+from safetensors.torch import load_file, save_file
 
 from hf_clip import HfClipModel, HfClipTextModel, HfClipTextModelWithProjection, HfClipVisionModel
+from hf_clip.testing_utils import random_text, tiny_config
 
 
 def tiny_model(seed: int = 0) -> HfClipModel:
@@ -60,6 +63,35 @@ def test_loading_leaves_nothing_uninitialised(tmp_path: Path) -> None:
         "text_model.embeddings.position_ids",
         "vision_model.embeddings.position_ids",
     }
+
+
+def test_weights_missing_from_a_checkpoint_get_openai_initialisation(tmp_path: Path) -> None:
+    """Missing keys are initialised by `_init_weights` after loading, on the path transformers takes for models defined
+    outside its package: the rules must reach tensors inside parameter-less modules (attention, MLP) too."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    state_dict = load_file(tmp_path / "model.safetensors")
+    missing = {
+        "text_model.encoder.layers.0.self_attn.out_proj.weight": 32**-0.5 * (2 * 2) ** -0.5,
+        "text_model.encoder.layers.1.mlp.fc1.weight": (2 * 32) ** -0.5,
+        "vision_model.encoder.layers.0.self_attn.q_proj.weight": 32**-0.5,
+        "text_projection.weight": 32**-0.5,
+    }
+    constant = {"text_model.encoder.layers.0.self_attn.out_proj.bias": 0.0, "logit_scale": math.log(1 / 0.07)}
+    for key in (*missing, *constant, "vision_model.pre_layrnorm.weight"):
+        del state_dict[key]
+    save_file(state_dict, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+    loaded, loading_info = HfClipModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert loading_info["missing_keys"] == {*missing, *constant, "vision_model.pre_layrnorm.weight"}
+    parameters = dict(loaded.named_parameters())
+    for key, std in missing.items():
+        assert parameters[key].std().item() == pytest.approx(std, rel=0.15), key
+    for key, value in constant.items():
+        assert torch.allclose(parameters[key], torch.full_like(parameters[key], value)), key
+    assert torch.equal(parameters["vision_model.pre_layrnorm.weight"], torch.ones(32))
+    for key, value in state_dict.items():
+        assert torch.equal(parameters[key], value), key
 
 
 def test_single_tower_models_load_from_a_joint_checkpoint(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import TINY_TEXT, random_text, tiny_config
 
 from hf_clip import ClipLoss, HfClipModel, ZeroShotClassifier, clip_loss
+from hf_clip.testing_utils import TINY_TEXT, random_text, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,19 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_TEXT, TINY_VIT, random_text, tiny_config
 from torch import nn
 
 from hf_clip import (
     HfClipConfig,
     HfClipModel,
+    HfClipPreTrainedModel,
     HfClipTextModel,
     HfClipTextModelWithProjection,
     HfClipVisionModel,
     HfClipVisionModelWithProjection,
 )
 from hf_clip.modeling_layers import HfClipAttention, HfClipEncoderLayer
+from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, random_text, tiny_config
 
 ATOL = 1e-5
 TEXT_LENGTHS = [16, 9, 3]
@@ -104,7 +105,7 @@ def test_batch_row_equals_sample_alone(attn_implementation: str) -> None:
 
 
 def test_initialisation_follows_openai() -> None:
-    """OpenAI's stds (DESIGN §9) on a model large enough for the sample std to be within a few percent."""
+    """OpenAI's initial stds on a model large enough for the sample std to be within a few percent."""
     width, layers = 256, 4
     tower = {"hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers, "projection_dim": 64}
     text = {**TINY_TEXT, **tower, "vocab_size": 2048, "max_position_embeddings": 77, "num_attention_heads": 4}
@@ -131,6 +132,30 @@ def test_initialisation_follows_openai() -> None:
     assert std(model.text_projection.weight) == pytest.approx(width**-0.5, rel=0.05)
     assert std(model.visual_projection.weight) == pytest.approx(width**-0.5, rel=0.05)
     assert model.logit_scale.item() == pytest.approx(math.log(1 / 0.07), abs=1e-6)
+
+
+@pytest.mark.parametrize("vision", [TINY_VIT, TINY_RESNET], ids=["vit", "resnet"])
+@pytest.mark.parametrize("model_class", [HfClipModel, HfClipTextModelWithProjection, HfClipVisionModelWithProjection])
+def test_initialisation_does_not_depend_on_transformers_visiting_containers(monkeypatch, model_class, vision) -> None:
+    """For models defined outside its package (`is_custom_code()`, hf_clip's case, loaded as remote code or not),
+    transformers skips `_init_weights` on modules that own no tensors (HfClipAttention, HfClipMLP, the projection
+    models). Every rule sits on a module that owns what it sets, so initialisation is the same either way."""
+    config = tiny_config(vision=vision)
+    sub_config = {
+        HfClipTextModelWithProjection: config.text_config,
+        HfClipVisionModelWithProjection: config.vision_config,
+    }
+
+    def initialised(custom_code: bool) -> dict[str, torch.Tensor]:
+        monkeypatch.setattr(
+            HfClipPreTrainedModel, "is_custom_code", classmethod(lambda cls: custom_code), raising=False
+        )
+        torch.manual_seed(0)
+        return model_class(sub_config.get(model_class, config)).state_dict()
+
+    skipping, visiting = initialised(custom_code=True), initialised(custom_code=False)
+    for name, tensor in visiting.items():
+        assert torch.equal(skipping[name], tensor), name
 
 
 @torch.no_grad()

@@ -6,13 +6,11 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import open_clip
 import PIL.Image
 import pytest
 import torch
-from conftest import TINY_RESNET, TINY_TEXT, random_text, tiny_config
 from open_clip.model import CLIP
 from torch import nn
 from transformers import AutoModel
@@ -31,10 +29,10 @@ from hf_clip import (
 )
 from hf_clip.modeling_hf_clip import HfClipVisionModelWithProjection
 from hf_clip.modeling_resnet import HfClipBottleneck
+from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, random_text, tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "conversion" / "configs"
 ATOL = 1e-5
-# DESIGN §9, the published totals.
+# The parameter totals OpenAI's published ResNet checkpoints hold.
 PUBLISHED_PARAMETERS = {
     "RN50": 102_007_137,
     "RN101": 119_688_033,
@@ -161,7 +159,7 @@ def test_wrong_backbone_and_shapes_are_refused():
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMETERS))
 def test_published_parameter_counts(name):
-    config = HfClipConfig.from_json_file(CONFIGS / f"{name}.json")
+    config = HfClipConfig.from_architecture(name)
     vision = config.vision_config
     assert vision.backbone == "resnet"
     assert vision.num_attention_heads == vision.width * 32 // 64
@@ -219,7 +217,7 @@ def full_size_parity(name: str) -> dict[str, float]:
     torch.manual_seed(0)
     reference = open_clip.create_model(f"{name}-quickgelu", pretrained=None).eval()
     randomize_batch_norms(reference)
-    config = HfClipConfig.from_json_file(CONFIGS / f"{name}.json")
+    config = HfClipConfig.from_architecture(name)
     model = converted(reference, config)
     size = config.vision_config.image_size
     differences = assert_open_clip_parity(reference, model, tiny_pixels(2, size=size), openai_text(3, 77))
