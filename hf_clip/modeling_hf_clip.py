@@ -24,13 +24,11 @@ from .modeling_vit import HfClipVisionTransformer
 # The paper clamps the temperature so logits are scaled by at most 100.
 LOGIT_SCALE_MAX = math.log(100)
 
-VISION_TOWERS: dict[str, type[HfClipVisionPreTrainedModel]] = {
-    "vit": HfClipVisionTransformer,
-    "resnet": HfClipResNetModel,
-}
+VisionTower = HfClipVisionTransformer | HfClipResNetModel
+VISION_TOWERS: dict[str, type[VisionTower]] = {"vit": HfClipVisionTransformer, "resnet": HfClipResNetModel}
 
 
-def build_vision_tower(config: HfClipVisionConfig) -> HfClipVisionPreTrainedModel:
+def build_vision_tower(config: HfClipVisionConfig) -> VisionTower:
     return VISION_TOWERS[config.backbone]._from_config(config)
 
 
@@ -41,19 +39,11 @@ def build_visual_projection(config: HfClipVisionConfig, projection_dim: int) -> 
     return nn.Linear(config.hidden_size, projection_dim, bias=False)
 
 
-def projected_features(
-    tower: nn.Module, projection: nn.Module, recorder: OutputRecorder, *inputs: torch.Tensor | bool | None
-) -> BaseModelOutputWithPooling:
-    """The output of `tower(*inputs)` under the caller's output options, with `pooler_output` projected into the joint
-    space (not normalised): what transformers 5.x's `get_text_features` / `get_image_features` return."""
-    outputs = tower(
-        *inputs,
-        output_attentions=recorder.output_attentions,
-        output_hidden_states=recorder.output_hidden_states,
-        return_dict=True,
-    )
-    outputs.pooler_output = projection(outputs.pooler_output)
-    return outputs
+def projected(features: BaseModelOutputWithPooling, projection: nn.Module) -> BaseModelOutputWithPooling:
+    """A tower's output with `pooler_output` projected into the joint space (not normalised): what transformers
+    5.x's `get_text_features` / `get_image_features` return."""
+    features.pooler_output = projection(features.pooler_output)
+    return features
 
 
 @dataclass
@@ -103,6 +93,8 @@ class HfClipModel(HfClipPreTrainedModel):
 
     config: HfClipConfig
     config_class = HfClipConfig
+    # The text tower's token embedding, the model's only vocabulary (so `resize_token_embeddings` works).
+    input_embeddings_path = "text_model"
 
     def __init__(self, config: HfClipConfig):
         super().__init__(config)
@@ -116,13 +108,6 @@ class HfClipModel(HfClipPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The text tower's token embedding, the model's only vocabulary (so `resize_token_embeddings` works)."""
-        return self.text_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.set_input_embeddings(value)
-
     def get_text_features(
         self,
         input_ids: torch.Tensor,
@@ -134,10 +119,8 @@ class HfClipModel(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         """Text tower output whose `pooler_output` is the projected (not normalised) text embedding."""
         recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
-        text_outputs = projected_features(
-            self.text_model, self.text_projection, recorder, input_ids, attention_mask, position_ids
-        )
-        return recorder.pack(text_outputs)
+        features = self.text_model.encode_text(input_ids, attention_mask, position_ids, recorder)
+        return recorder.pack(projected(features, self.text_projection))
 
     def get_image_features(
         self,
@@ -149,10 +132,9 @@ class HfClipModel(HfClipPreTrainedModel):
     ) -> BaseModelOutputWithPooling | tuple:
         """Image tower output whose `pooler_output` is the projected (not normalised) image embedding."""
         recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
-        vision_outputs = projected_features(
-            self.vision_model, self.visual_projection, recorder, pixel_values, interpolate_pos_encoding
-        )
-        return recorder.pack(vision_outputs)
+        pixel_values = self.vision_model.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        features = self.vision_model.encode_images(pixel_values, interpolate_pos_encoding, recorder)
+        return recorder.pack(projected(features, self.visual_projection))
 
     def scaled_logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """logits_per_text from L2-normalised embeddings: exp(clamped logit_scale) · text @ imageᵀ."""
@@ -175,11 +157,13 @@ class HfClipModel(HfClipPreTrainedModel):
             raise ValueError("HfClipModel.forward needs both `input_ids` and `pixel_values`.")
         # Resolved here: the towers would otherwise fall back to their sub-configs' flags, not this config's.
         recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
-        vision_outputs = projected_features(
-            self.vision_model, self.visual_projection, recorder, pixel_values, interpolate_pos_encoding
+        # return_dict=True: each tower's own ModelOutput (and its own recorded states).
+        flags = (recorder.output_attentions, recorder.output_hidden_states, True)
+        vision_outputs = cast(
+            BaseModelOutputWithPooling, self.get_image_features(pixel_values, interpolate_pos_encoding, *flags)
         )
-        text_outputs = projected_features(
-            self.text_model, self.text_projection, recorder, input_ids, attention_mask, position_ids
+        text_outputs = cast(
+            BaseModelOutputWithPooling, self.get_text_features(input_ids, attention_mask, position_ids, *flags)
         )
         image_embeds = nn.functional.normalize(vision_outputs["pooler_output"], dim=-1)
         text_embeds = nn.functional.normalize(text_outputs["pooler_output"], dim=-1)
@@ -205,66 +189,38 @@ class HfClipVisionModel(HfClipVisionPreTrainedModel):
     `get_image_features` and HfClipVisionModelWithProjection return.
     """
 
+    input_embeddings_path = "vision_model"
+
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
         self.vision_model = build_vision_tower(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.vision_model.set_input_embeddings(value)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
-        return self.vision_model(
-            pixel_values=pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> ModelOutput:
+        return self.vision_model.encode_images(pixel_values, interpolate_pos_encoding, recorder)
 
 
-class HfClipVisionModelWithProjection(HfClipVisionPreTrainedModel):
+class HfClipVisionModelWithProjection(HfClipVisionModel):
     """The image tower and its projection; `image_embeds` is the (un-normalised) image embedding."""
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
-        self.vision_model = build_vision_tower(config)
         self.visual_projection = build_visual_projection(config, config.projection_dim)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.vision_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.vision_model.set_input_embeddings(value)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> HfClipVisionModelOutput | tuple:
-        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
-        features = projected_features(
-            self.vision_model, self.visual_projection, recorder, pixel_values, interpolate_pos_encoding
-        )
-        return recorder.pack(embeds_output(HfClipVisionModelOutput, features))
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> HfClipVisionModelOutput:
+        features = self.vision_model.encode_images(pixel_values, interpolate_pos_encoding, recorder)
+        return embeds_output(HfClipVisionModelOutput, projected(features, self.visual_projection))
 
 
 class HfClipTextModelWithProjection(HfClipTextPreTrainedModel):
     """The text tower and its projection; `text_embeds` is the (un-normalised) text embedding."""
+
+    input_embeddings_path = "text_model"
 
     def __init__(self, config: HfClipTextConfig):
         super().__init__(config)
@@ -272,23 +228,12 @@ class HfClipTextModelWithProjection(HfClipTextPreTrainedModel):
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.text_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.text_model.set_input_embeddings(value)
-
-    def forward(
+    def encode_text(
         self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> HfClipTextModelOutput | tuple:
-        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
-        features = projected_features(
-            self.text_model, self.text_projection, recorder, input_ids, attention_mask, position_ids
-        )
-        return recorder.pack(embeds_output(HfClipTextModelOutput, features))
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        recorder: OutputRecorder,
+    ) -> HfClipTextModelOutput:
+        features = self.text_model.encode_text(input_ids, attention_mask, position_ids, recorder)
+        return embeds_output(HfClipTextModelOutput, projected(features, self.text_projection))

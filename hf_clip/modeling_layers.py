@@ -54,16 +54,12 @@ class OutputRecorder:
     def pack(self, output: OutputT) -> OutputT | tuple:
         return output if self.return_dict else output.to_tuple()
 
-    def tower_output(
-        self, last_hidden_state: torch.Tensor, pooler_output: torch.Tensor
-    ) -> BaseModelOutputWithPooling | tuple:
-        return self.pack(
-            BaseModelOutputWithPooling(
-                last_hidden_state=last_hidden_state,
-                pooler_output=pooler_output,
-                hidden_states=self.hidden_states,
-                attentions=self.attentions,
-            )
+    def tower_output(self, last_hidden_state: torch.Tensor, pooler_output: torch.Tensor) -> BaseModelOutputWithPooling:
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooler_output,
+            hidden_states=self.hidden_states,
+            attentions=self.attentions,
         )
 
 
@@ -231,6 +227,21 @@ class HfClipPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck"]
+    # Dotted path of the layer that reads the input ids or pixels; a model that wraps a tower names the tower,
+    # which resolves its own.
+    input_embeddings_path: str
+
+    def get_input_embeddings(self) -> nn.Module:
+        module = self.get_submodule(self.input_embeddings_path)
+        return module.get_input_embeddings() if isinstance(module, HfClipPreTrainedModel) else module
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        module = self.get_submodule(self.input_embeddings_path)
+        if isinstance(module, HfClipPreTrainedModel):
+            module.set_input_embeddings(value)
+        else:
+            parent, _, name = self.input_embeddings_path.rpartition(".")
+            self.get_submodule(parent).add_module(name, value)
 
     def output_recorder(
         self, output_attentions: bool | None, output_hidden_states: bool | None, return_dict: bool | None
@@ -313,20 +324,63 @@ class HfClipPreTrainedModel(PreTrainedModel):
 
 
 class HfClipTextPreTrainedModel(HfClipPreTrainedModel):
-    """Base of the models that read text (an HfClipTextConfig)."""
+    """Base of the models that read text (an HfClipTextConfig): the forward signature of transformers' CLIP text
+    models, resolved once here; each model computes its output in `encode_text`."""
 
     config: HfClipTextConfig
     config_class = HfClipTextConfig
     input_modalities = "text"
 
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ModelOutput | tuple:
+        if input_ids is None:
+            raise ValueError(f"{type(self).__name__} needs `input_ids`.")
+        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
+        return recorder.pack(self.encode_text(input_ids, attention_mask, position_ids, recorder))
+
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        recorder: OutputRecorder,
+    ) -> ModelOutput:
+        raise NotImplementedError
+
 
 class HfClipVisionPreTrainedModel(HfClipPreTrainedModel):
-    """Base of the models that read images (an HfClipVisionConfig, `pixel_values`)."""
+    """Base of the models that read images (an HfClipVisionConfig, `pixel_values`): the forward signature of
+    transformers' CLIP vision models and the input check, resolved once here; each model computes its output in
+    `encode_images`."""
 
     config: HfClipVisionConfig
     config_class = HfClipVisionConfig
     main_input_name = "pixel_values"
     input_modalities = "image"
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ModelOutput | tuple:
+        pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
+        return recorder.pack(self.encode_images(pixel_values, interpolate_pos_encoding, recorder))
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> ModelOutput:
+        raise NotImplementedError
 
     def check_pixel_values(self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool) -> torch.Tensor:
         """The image towers' input check; returns the tensor so the caller keeps a non-optional type."""

@@ -20,6 +20,7 @@ from .configuration_hf_clip import HfClipVisionConfig
 from .modeling_layers import (
     HfClipMultiHeadAttention,
     HfClipVisionPreTrainedModel,
+    OutputRecorder,
     resized_grid_positions,
 )
 
@@ -135,6 +136,9 @@ class HfClipResNetModel(HfClipVisionPreTrainedModel):
     ViT's, this tower's pooled output is the image embedding itself. `hidden_states` are the stem's and each stage's
     feature maps, `attentions` the pool's map."""
 
+    # The stem's first convolution: the layer that reads the pixels.
+    input_embeddings_path = "stem.conv1"
+
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
         if config.backbone != "resnet":
@@ -150,23 +154,9 @@ class HfClipResNetModel(HfClipVisionPreTrainedModel):
         self.attention_pool = HfClipAttentionPool(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The stem's first convolution: the layer that reads the pixels."""
-        return self.stem.conv1
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.stem.add_module("conv1", value)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
-        pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> BaseModelOutputWithPooling:
         hidden_states = self.stem(pixel_values.to(self.stem.conv1.weight.dtype))
         recorder.record(hidden_states)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):

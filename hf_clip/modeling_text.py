@@ -5,7 +5,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipTextConfig
-from .modeling_layers import HfClipEncoder, HfClipTextPreTrainedModel
+from .modeling_layers import HfClipEncoder, HfClipTextPreTrainedModel, OutputRecorder
 
 
 class HfClipTextEmbeddings(nn.Module):
@@ -38,6 +38,8 @@ def causal_padding_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
 class HfClipTextModel(HfClipTextPreTrainedModel):
     """Causal text transformer; `pooler_output` is the final-LayerNorm state at each sequence's first EOS token."""
 
+    input_embeddings_path = "embeddings.token_embedding"
+
     def __init__(self, config: HfClipTextConfig):
         super().__init__(config)
         self.embeddings = HfClipTextEmbeddings(config)
@@ -45,24 +47,13 @@ class HfClipTextModel(HfClipTextPreTrainedModel):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.token_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.add_module("token_embedding", value)
-
-    def forward(
+    def encode_text(
         self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
-        if input_ids is None:
-            raise ValueError("HfClipTextModel needs `input_ids`.")
-        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        recorder: OutputRecorder,
+    ) -> BaseModelOutputWithPooling:
         input_ids = input_ids.view(-1, input_ids.shape[-1])
         eos_positions = self.first_eos_positions(input_ids, attention_mask)
 

@@ -5,7 +5,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipEncoder, HfClipVisionPreTrainedModel, resized_grid_positions
+from .modeling_layers import HfClipEncoder, HfClipVisionPreTrainedModel, OutputRecorder, resized_grid_positions
 
 
 class HfClipVisionEmbeddings(nn.Module):
@@ -43,6 +43,9 @@ class HfClipVisionEmbeddings(nn.Module):
 class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
     """ViT image tower; `pooler_output` is the post-LayerNorm class token (before the projection)."""
 
+    # The patch embedding, as transformers' CLIPVisionModel returns.
+    input_embeddings_path = "embeddings.patch_embedding"
+
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
         self.embeddings = HfClipVisionEmbeddings(config)
@@ -51,23 +54,9 @@ class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        """The patch embedding, as transformers' CLIPVisionModel returns."""
-        return self.embeddings.patch_embedding
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.embeddings.add_module("patch_embedding", value)
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool = False,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> BaseModelOutputWithPooling | tuple:
-        pixel_values = self.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> BaseModelOutputWithPooling:
         hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
         last_hidden_state = self.encoder(hidden_states, None, recorder)
         return recorder.tower_output(last_hidden_state, self.post_layernorm(last_hidden_state[:, 0]))

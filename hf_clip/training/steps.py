@@ -14,7 +14,7 @@ Accumulation over m micro-batches, two ways:
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,12 +52,13 @@ class ClipEmbedder(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         image_embeds = text_embeds = None
+        # Tuple outputs: (last hidden state, pooled projected embedding).
         if pixel_values is not None:
-            image_features = cast(torch.Tensor, self.model.get_image_features(pixel_values).pooler_output)
+            image_features = self.model.get_image_features(pixel_values, return_dict=False)[1]
             image_embeds = nn.functional.normalize(image_features, dim=-1)
         if input_ids is not None:
-            text_output = self.model.get_text_features(input_ids, attention_mask=attention_mask)
-            text_embeds = nn.functional.normalize(cast(torch.Tensor, text_output.pooler_output), dim=-1)
+            text_output = self.model.get_text_features(input_ids, attention_mask=attention_mask, return_dict=False)
+            text_embeds = nn.functional.normalize(text_output[1], dim=-1)
         logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         return image_embeds, text_embeds, logit_scale
 
