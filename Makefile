@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHECKED := hf_clip conversion examples tests
+# The oldest transformers pyproject.toml allows; `make test-oldest` runs the suite against it.
+OLDEST_TRANSFORMERS := $(shell grep -o '"transformers>=[0-9.]*' pyproject.toml | cut -d= -f2)
+OLDEST_VENV := .venv-oldest
 
-.PHONY: install test style quality check demo clean
+.PHONY: install test test-oldest style quality check demo clean
 
 install: $(STAMP)
 
@@ -35,6 +38,13 @@ test: quality
 
 check: test
 
+# Not part of `make test` (a second environment doubles the install time): run it when the bound moves.
+test-oldest:
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e ".[test]" "transformers==$(OLDEST_TRANSFORMERS)"
+	$(OLDEST_VENV)/bin/python -m pytest -n 2 -q
+
 $(FASHION_MNIST):
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
@@ -42,4 +52,4 @@ demo: install $(FASHION_MNIST)
 	$(PY) examples/demo.py --output-dir demo_output
 
 clean:
-	rm -rf $(VENV) demo_output .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output .mypy_cache .ruff_cache .pytest_cache

@@ -2,7 +2,15 @@
 
 from typing import Any
 
-from transformers import BatchFeature, ProcessorMixin, TextKwargs
+from transformers import BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs
+
+
+class HfClipProcessorKwargs(ProcessingKwargs, total=False):
+    # Lowest-priority defaults of ProcessorMixin's kwargs merging: call arguments and tokenizer settings win. Set
+    # here, transformers' documented place on every 5.x release we support (class attributes of the processor are
+    # read only by later releases).
+    _defaults = {"text_kwargs": {"padding": True, "truncation": True}}  # type: ignore[misc]  # a TypedDict class
 
 
 class HfClipProcessor(ProcessorMixin):
@@ -13,8 +21,7 @@ class HfClipProcessor(ProcessorMixin):
     `truncation=...` to change either. Images follow `HfClipImageProcessor` (OpenAI's preprocessing).
     """
 
-    # Lowest-priority defaults of ProcessorMixin's kwargs merging: call arguments and tokenizer settings win.
-    text_kwargs = TextKwargs(padding=True, truncation=True)
+    valid_processor_kwargs = HfClipProcessorKwargs
 
     def __init__(self, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any) -> None:
         super().__init__(image_processor, tokenizer, **kwargs)

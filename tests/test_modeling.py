@@ -74,8 +74,8 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients() -> None:
     inputs = tiny_inputs()
     loss, gradients = loss_and_gradients(model, inputs)
 
-    # transformers 5.x name of `gradient_checkpointing_enable` (deprecated alias, same effect).
-    model.activation_checkpointing_enable()
+    # The name every supported transformers 5.x release has (later ones also call it activation_checkpointing_enable).
+    model.gradient_checkpointing_enable()
     attention_calls = []
     for layer in model.text_model.encoder.layers:
         # A pre-hook: the non-reentrant recomputation stops early, before the MLP's forward returns.

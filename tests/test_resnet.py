@@ -240,7 +240,7 @@ def test_gradient_checkpointing_gives_identical_loss_and_gradients():
     starting state, so both see the same running statistics."""
     plain = tiny_resnet()
     checkpointed = copy.deepcopy(plain)
-    checkpointed.activation_checkpointing_enable()
+    checkpointed.gradient_checkpointing_enable()
     assert all(block.gradient_checkpointing for block in checkpointed.modules() if isinstance(block, HfClipBottleneck))
     text = random_text(4, 16, lengths=[3, 16, 7, 12])
     losses, conv_calls = [], []

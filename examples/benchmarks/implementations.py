@@ -77,7 +77,7 @@ def build_hf_clip(
     model = HfClipModel._from_config(config, attn_implementation="sdpa").to(device)
     if checkpointing:
         # Recompute each encoder layer / ResNet block in the backward pass: activations of one layer at a time.
-        model.activation_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     backbone = config.tower_configs()[1].backbone
     resnet_channels_last = optimised and backbone == "resnet" and device.type == "cuda"
     if resnet_channels_last:
