@@ -97,6 +97,19 @@ class HfClipMLPInputLinear(nn.Linear):
     """The MLP's first Linear (`fc1`). The type marks it for `_init_weights` (OpenAI's std (2·width)^-0.5)."""
 
 
+class HfClipResidualBatchNorm(nn.BatchNorm2d):
+    """The last BatchNorm of a ResNet bottleneck's residual branch. OpenAI initialises its weight to zero, so every
+    block starts as the identity; the type marks it for `_init_weights`."""
+
+
+class HfClipEmbeddings(nn.Module):
+    """A tower's input embeddings. Their OpenAI initialisation depends on the tower (token vs patch, positions), so
+    each states it in `init_openai`, which `_init_weights` calls."""
+
+    def init_openai(self, factor: float) -> None:
+        raise NotImplementedError
+
+
 class HfClipMultiHeadAttention(nn.Module):
     """Query, key and value projections split into heads, and the dispatch to transformers' attention backends
     (eager, sdpa, ...). HfClipAttention and the ResNet's attention pool add their own output projection."""
@@ -266,15 +279,9 @@ class HfClipPreTrainedModel(PreTrainedModel):
         HfClipResidualBatchNorm) or the tower it sits in (`self`, the innermost hf_clip model around it); the
         embeddings; the joint model.
         """
-        # These modules import this one.
-        from .modeling_hf_clip import HfClipModel
-        from .modeling_resnet import HfClipResidualBatchNorm, HfClipResNetModel
-        from .modeling_text import HfClipTextEmbeddings
-        from .modeling_vit import HfClipVisionEmbeddings
-
         factor = self.config.initializer_factor
         # OpenAI's ResNet keeps PyTorch's initialisation for convolutions and for the attention pool's biases.
-        in_resnet = isinstance(self, HfClipResNetModel)
+        in_resnet = isinstance(self.config, HfClipVisionConfig) and self.config.backbone == "resnet"
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -309,18 +316,11 @@ class HfClipPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding) and in_resnet:
             # The attention pool's positions: open_clip's randn / embed_dim ** 0.5.
             init.normal_(module.weight, std=module.embedding_dim**-0.5 * factor)
-        elif isinstance(module, HfClipTextEmbeddings):
-            init.normal_(module.token_embedding.weight, std=0.02 * factor)
-            init.normal_(module.position_embedding.weight, std=0.01 * factor)
-            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
-        elif isinstance(module, HfClipVisionEmbeddings):
-            scale = module.embed_dim**-0.5 * factor
-            init.normal_(module.class_embedding, std=scale)
-            init.normal_(module.position_embedding.weight, std=scale)
-            init.normal_(module.patch_embedding.weight, std=self.config.initializer_range)
-            init.copy_(module.position_ids, torch.arange(module.num_positions).expand((1, -1)))
-        elif isinstance(module, HfClipModel):
-            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+        elif isinstance(module, HfClipEmbeddings):
+            module.init_openai(factor)
+        elif isinstance(module, HfClipPreTrainedModel) and isinstance(module.config, HfClipConfig):
+            # The joint model's own tensor: the temperature.
+            init.constant_(module.get_parameter("logit_scale"), module.config.logit_scale_init_value)
 
 
 class HfClipTextPreTrainedModel(HfClipPreTrainedModel):

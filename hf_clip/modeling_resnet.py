@@ -19,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .configuration_hf_clip import HfClipVisionConfig
 from .modeling_layers import (
     HfClipMultiHeadAttention,
+    HfClipResidualBatchNorm,
     HfClipVisionPreTrainedModel,
     OutputRecorder,
     resized_grid_positions,
@@ -48,11 +49,6 @@ class HfClipResNetStem(nn.Module):
         hidden_states = self.act(self.bn2(self.conv2(hidden_states)))
         hidden_states = self.act(self.bn3(self.conv3(hidden_states)))
         return self.avgpool(hidden_states)
-
-
-class HfClipResidualBatchNorm(nn.BatchNorm2d):
-    """The last BatchNorm of a bottleneck's residual branch. OpenAI initialises its weight to zero, so every block
-    starts as the identity; the type marks it for `_init_weights`."""
 
 
 class HfClipDownsample(nn.Module):

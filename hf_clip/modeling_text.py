@@ -2,18 +2,24 @@
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipTextConfig
-from .modeling_layers import HfClipEncoder, HfClipTextPreTrainedModel, OutputRecorder
+from .modeling_layers import HfClipEmbeddings, HfClipEncoder, HfClipTextPreTrainedModel, OutputRecorder
 
 
-class HfClipTextEmbeddings(nn.Module):
+class HfClipTextEmbeddings(HfClipEmbeddings):
     def __init__(self, config: HfClipTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.position_ids = nn.Buffer(torch.arange(config.max_position_embeddings).expand((1, -1)), persistent=False)
+
+    def init_openai(self, factor: float) -> None:
+        init.normal_(self.token_embedding.weight, std=0.02 * factor)
+        init.normal_(self.position_embedding.weight, std=0.01 * factor)
+        init.copy_(self.position_ids, torch.arange(self.position_ids.shape[-1]).expand((1, -1)))
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         seq_len = input_ids.shape[-1]

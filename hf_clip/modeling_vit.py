@@ -2,15 +2,23 @@
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_hf_clip import HfClipVisionConfig
-from .modeling_layers import HfClipEncoder, HfClipVisionPreTrainedModel, OutputRecorder, resized_grid_positions
+from .modeling_layers import (
+    HfClipEmbeddings,
+    HfClipEncoder,
+    HfClipVisionPreTrainedModel,
+    OutputRecorder,
+    resized_grid_positions,
+)
 
 
-class HfClipVisionEmbeddings(nn.Module):
+class HfClipVisionEmbeddings(HfClipEmbeddings):
     def __init__(self, config: HfClipVisionConfig):
         super().__init__()
+        self.initializer_range = config.initializer_range
         self.embed_dim = config.hidden_size
         self.image_size = config.image_size
         self.patch_size = config.patch_size
@@ -21,6 +29,13 @@ class HfClipVisionEmbeddings(nn.Module):
         self.num_positions = (self.image_size // self.patch_size) ** 2 + 1
         self.position_embedding = nn.Embedding(self.num_positions, self.embed_dim)
         self.position_ids = nn.Buffer(torch.arange(self.num_positions).expand((1, -1)), persistent=False)
+
+    def init_openai(self, factor: float) -> None:
+        scale = self.embed_dim**-0.5 * factor
+        init.normal_(self.class_embedding, std=scale)
+        init.normal_(self.position_embedding.weight, std=scale)
+        init.normal_(self.patch_embedding.weight, std=self.initializer_range)
+        init.copy_(self.position_ids, torch.arange(self.num_positions).expand((1, -1)))
 
     def interpolated_positions(self, height: int, width: int) -> torch.Tensor:
         """Patch positions resized bicubically to a (height, width) image's grid; the class position is kept."""
