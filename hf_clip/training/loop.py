@@ -37,6 +37,7 @@ from transformers import get_cosine_schedule_with_warmup
 from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, labelled_batches, load_stream, random_crop
 from ..loss import ClipLoss
 from ..processing_hf_clip import HfClipProcessor
+from .batches import device_batch
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
 from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     while step < config.max_steps:
         step_start = time.perf_counter()
         micro_batches = [
-            to_device(next(stream), accelerator.device) for _ in range(config.gradient_accumulation_steps)
+            device_batch(next(stream), accelerator.device) for _ in range(config.gradient_accumulation_steps)
         ]
         if config.accumulation_mode == "cached" and len(micro_batches) > 1:
             loss = cached_accumulation_backward(
@@ -205,10 +206,6 @@ def main(argv: list[str] | None = None) -> None:
     progress.close()
     save_final(accelerator, embedder, processor, output_dir / "model")
     accelerator.end_training()
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
 if __name__ == "__main__":
