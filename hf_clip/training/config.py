@@ -65,7 +65,18 @@ class TrainConfig:
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables."})
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
     gradient_checkpointing: bool = False
-    torch_compile: bool = False
+    torch_compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Compile the training step (forward + loss, backward through AOTAutograd). Default: on CUDA."
+        },
+    )
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode, e.g. max-autotune or reduce-overhead (CUDA graphs)."}
+    )
+    channels_last: bool | None = field(
+        default=None, metadata={"help": "Channels-last memory format for a ResNet image tower. Default: on CUDA."}
+    )
     seed: int = 0
     # Bookkeeping.
     logging_steps: int = 10

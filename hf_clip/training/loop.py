@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import TorchDynamoPlugin, is_tensorboard_available, set_seed
+from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         log_with="tensorboard",
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if config.torch_compile else None,
     )
+    on_cuda = accelerator.device.type == "cuda"
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 autocast does not run on CPU (it would silently train in fp32); use bf16 or no.")
@@ -90,15 +90,25 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = build_tokenizer(config)
     model_config = architecture(config, tokenizer)
     processor = build_processor(model_config, tokenizer)
-    model = build_model(config, model_config)
+    model = build_model(config, model_config).to(accelerator.device)  # before the optimizer: fused AdamW on CUDA
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    channels_last = on_cuda if config.channels_last is None else config.channels_last
+    if channels_last and model_config.tower_configs()[1].backbone == "resnet":
+        # cuDNN's fastest convolutions are NHWC; with NHWC weights PyTorch runs each convolution so (same math).
+        model.vision_model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
         model, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2, config.adam_epsilon
     )
     scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
     embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model), optimizer, scheduler)
     loss_fn = ClipLoss()
+    step_loss = plain_loss
+    if on_cuda if config.torch_compile is None else config.torch_compile:
+        # Forward and loss as one graph (it compiles without graph breaks); backward through AOTAutograd. Cached
+        # accumulation calls the embedder itself, so its forward is compiled too.
+        step_loss = torch.compile(plain_loss, mode=config.torch_compile_mode)
+        embedder.compile(mode=config.torch_compile_mode)
     batches, loader = train_batches(config, processor, accelerator)
 
     step, cursor = 0, DataCursor()
@@ -149,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
                 # Plain accumulation: each micro-batch is its own contrastive problem; gradients are averaged.
                 last = index == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(embedder):
-                    micro_loss = plain_loss(embedder, loss_fn, batch) / len(micro_batches)
+                    micro_loss = step_loss(embedder, loss_fn, batch) / len(micro_batches)
                     accelerator.backward(micro_loss)
                 loss += micro_loss.detach()
         if config.max_grad_norm > 0:

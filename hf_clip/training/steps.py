@@ -81,13 +81,18 @@ def build_optimizer(
     beta2: float | None = None,
     epsilon: float | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) with the paper's β2 / ε for the model's image tower unless overridden."""
+    """AdamW (decoupled weight decay) with the paper's β2 / ε for the model's image tower unless overridden.
+
+    On CUDA the fused kernel updates every parameter in a few launches (the model must be on its device already);
+    the update itself is the same AdamW.
+    """
     default_beta2, default_epsilon = ADAM_SETTINGS[model.config.tower_configs()[1].backbone]
     return torch.optim.AdamW(
         parameter_groups(model, weight_decay),
         lr=learning_rate,
         betas=(beta1, beta2 if beta2 is not None else default_beta2),
         eps=epsilon if epsilon is not None else default_epsilon,
+        fused=model.device.type == "cuda",
     )
 
 
