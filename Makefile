@@ -10,7 +10,14 @@ CHECKED := hf_clip conversion examples tests
 OLDEST_TRANSFORMERS := $(shell grep -o '"transformers>=[0-9.]*' pyproject.toml | cut -d= -f2)
 OLDEST_VENV := .venv-oldest
 
-.PHONY: install test test-oldest style quality check demo clean
+# The GPU machine (Python 3.12, torch 2.11, torchvision, accelerate, tensorboard, timm, pyarrow preinstalled; no
+# network) lacks these; `make gpu-wheels` fetches them here into $(GPU_WHEELS), which travels with the check.
+GPU_WHEELS := .gpu/wheels
+GPU_PACKAGES := transformers==5.24.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth datasets==5.2.0 dill multiprocess
+GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+GPU_SITE := /tmp/hf_clip_site
+
+.PHONY: install test test-oldest style quality check demo clean gpu-wheels gpu-check gpu-check-dry
 
 install: $(STAMP)
 
@@ -48,8 +55,22 @@ test-oldest:
 $(FASHION_MNIST):
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d $(GPU_WHEELS) $(GPU_PACKAGES)
+
+# On the GPU machine, with $(GPU_WHEELS) carried: the one command of a lent session. Results: $$OUT/gpu_check.jsonl.
+gpu-check:
+	python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 examples/benchmarks/gpu_check.py --output $${OUT:-gpu_check}
+
+# The same stages on CPU with tiny configurations (what tests/test_gpu_check.py runs).
+gpu-check-dry: install
+	$(PY) examples/benchmarks/gpu_check.py --device cpu --output gpu_check_dry
+
 demo: install $(FASHION_MNIST)
 	$(PY) examples/demo.py --output-dir demo_output
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) demo_output .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output gpu_check_dry .mypy_cache .ruff_cache .pytest_cache

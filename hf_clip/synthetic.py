@@ -5,7 +5,9 @@ pipeline. Nothing here is used by the model itself.
 """
 
 import io
-from collections.abc import Sequence
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -80,6 +82,16 @@ def photo_like(width: int, height: int, rng: np.random.Generator) -> PIL.Image.I
         box = (left, top, left + int(rng.integers(10, width // 2)), top + int(rng.integers(10, height // 2)))
         draw.ellipse(box, fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     return picture
+
+
+def write_webdataset_shard(path: str | Path, samples: Iterable[tuple[str, Mapping[str, bytes]]]) -> None:
+    """A webdataset tar shard: for each `(key, {extension: content})`, one member `<key>.<extension>` per field."""
+    with tarfile.open(path, "w") as tar:
+        for key, fields in samples:
+            for extension, content in fields.items():
+                member = tarfile.TarInfo(f"{key}.{extension}")
+                member.size = len(content)
+                tar.addfile(member, io.BytesIO(content))
 
 
 def jpeg_bytes(image: PIL.Image.Image, quality: int = 90, exif: PIL.Image.Exif | None = None) -> bytes:

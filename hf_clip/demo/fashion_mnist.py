@@ -24,7 +24,6 @@ import os
 import resource
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import PIL.Image
 import torch
 from transformers import AutoModel, AutoProcessor, pipeline
 
+from ..synthetic import write_webdataset_shard
 from ..tokenization_hf_clip import train_clip_bpe
 from ..zero_shot import ZeroShotClassifier
 
@@ -81,20 +81,20 @@ def write_shards(
     order = rng.permutation(len(images))
     captions = [TEMPLATES[rng.integers(len(TEMPLATES))].replace("{c}", CLASS_NAMES[labels[i]]) for i in order]
     paths = []
-    for shard, indices in enumerate(np.array_split(np.arange(len(order)), num_shards)):
+    for shard, positions in enumerate(np.array_split(np.arange(len(order)), num_shards)):
         path = folder / f"{prefix}-{shard:03d}.tar"
-        with tarfile.open(path, "w") as tar:
-            for position in indices:
-                index = order[position]
-                fields = {
-                    "png": png_bytes(images[index]),
+        samples = (
+            (
+                f"{prefix}{order[position]:05d}",
+                {
+                    "png": png_bytes(images[order[position]]),
                     "txt": captions[position].encode(),
-                    "cls": b"%d" % labels[index],
-                }
-                for suffix, content in fields.items():
-                    member = tarfile.TarInfo(f"{prefix}{index:05d}.{suffix}")
-                    member.size = len(content)
-                    tar.addfile(member, io.BytesIO(content))
+                    "cls": b"%d" % labels[order[position]],
+                },
+            )
+            for position in positions
+        )
+        write_webdataset_shard(path, samples)
         paths.append(str(path))
     return paths, captions
 
