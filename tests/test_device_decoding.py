@@ -1,5 +1,6 @@
-"""hf_clip.data.device_decoding, run on CPU: EXIF orientation as PIL applies it, and pixels within a few 8-bit levels
-of the exact path (same crop offsets for evaluation and for training crops)."""
+"""hf_clip.data.device_decoding, run on CPU: EXIF orientation as PIL applies it, pixels within a few 8-bit levels
+of the exact path (same crop offsets for evaluation and for training crops), and the host fallback for files the
+device decoder refuses."""
 
 import io
 
@@ -83,3 +84,37 @@ def test_configurations_the_device_path_does_not_implement_are_refused():
         DeviceImagePreprocessor(HfClipImageProcessor(resample=PIL.Image.Resampling.BILINEAR), "cpu")
     with pytest.raises(ValueError, match="default pipeline"):
         DeviceImagePreprocessor(HfClipImageProcessor(do_center_crop=False), "cpu")
+
+
+def test_files_the_device_decoder_refuses_are_decoded_on_the_host(monkeypatch):
+    """nvJPEG refuses some streams libjpeg-turbo reads. Emulated on CPU: a stand-in decoder refuses every call on the
+    device that includes one file; the batch is then decoded file by file, that file on the host: same pixels."""
+    jpegs = [
+        torch.frombuffer(bytearray(_jpeg(w, h, seed)), dtype=torch.uint8)
+        for seed, (w, h) in enumerate([(320, 240), (240, 400), (300, 301)])
+    ]
+    decoder = DeviceImagePreprocessor(HfClipImageProcessor(), "cpu")
+    arguments = (jpegs, [1, 6, 1], [(0, 30), (0, 100), (0, 0)])
+    expected = decoder.random_crops(*arguments)
+    decode_jpeg, host_calls = torchvision.io.decode_jpeg, []
+
+    def refusing_decode_jpeg(data, mode, device=None):
+        if device is None:
+            host_calls.append(data)
+            return decode_jpeg(data, mode=mode)
+        if any(jpeg is jpegs[1] for jpeg in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpegDecodeBatched failed")
+        return decode_jpeg(data, mode=mode, device=device)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing_decode_jpeg)
+    assert torch.equal(decoder.random_crops(*arguments), expected)
+    assert len(host_calls) == 1 and host_calls[0] is jpegs[1]
+
+
+def test_crop_offsets_outside_the_resized_image_are_a_clear_error():
+    jpeg = torch.frombuffer(bytearray(_jpeg(320, 240, seed=0)), dtype=torch.uint8)  # resized to 224 x 298
+    decoder = DeviceImagePreprocessor(HfClipImageProcessor(), "cpu")
+    assert decoder.random_crops([jpeg], [1], [(0, 74)]).shape == (1, 3, 224, 224)
+    for offsets in ((1, 0), (0, 75), (-1, 0)):
+        with pytest.raises(ValueError, match="outside the resized 224x298"):
+            decoder.random_crops([jpeg], [1], [offsets])

@@ -46,6 +46,24 @@ def default_pipeline_geometry(processor: HfClipImageProcessor) -> tuple[int, int
     return shortest_edge, height, width
 
 
+def resized_size(shortest_edge: int, height: int, width: int) -> tuple[int, int]:
+    """`(height, width)` after resizing the shortest side to `shortest_edge`; the long side is truncated, as
+    transformers sizes it."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_long = int(shortest_edge * long / short)
+    return (shortest_edge, new_long) if height <= width else (new_long, shortest_edge)
+
+
+def random_crop_offsets(
+    height: int, width: int, crop_height: int, crop_width: int, generator: torch.Generator | None
+) -> tuple[int, int]:
+    """`(top, left)` of a random crop of a resized image: two draws, top first, as
+    `HfClipImageProcessor.preprocess_for_training` makes them (so every path crops the same pixels)."""
+    top = int(torch.randint(height - crop_height + 1, (1,), generator=generator))
+    left = int(torch.randint(width - crop_width + 1, (1,), generator=generator))
+    return top, left
+
+
 class FastClipImagePreprocessor:
     """Evaluation (`__call__`) and training (`preprocess_for_training`) preprocessing equal to `processor`'s.
 
@@ -79,11 +97,8 @@ class FastClipImagePreprocessor:
 
     def resized(self, image: PIL.Image.Image) -> np.ndarray:
         """Shortest side to `shortest_edge` (the long side truncated, as transformers sizes it), as (H, W, 3)."""
-        width, height = image.size
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.shortest_edge * long / short)
-        new_size = (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
-        return np.asarray(image.resize(new_size, resample=self.resample))
+        height, width = resized_size(self.shortest_edge, image.height, image.width)
+        return np.asarray(image.resize((width, height), resample=self.resample))
 
     def normalized(self, crop: np.ndarray, out: np.ndarray) -> None:
         """Rescale and normalise an (H, W, 3) uint8 crop into `out` (3, H, W) by table lookup."""
@@ -111,7 +126,8 @@ class FastClipImagePreprocessor:
         out = batch.numpy()
         for index, image in enumerate(cast(Sequence[ImageSource], images)):
             pixels = self.resized(self.rgb_image(image))
-            top = int(torch.randint(pixels.shape[0] - self.crop_height + 1, (1,), generator=generator))
-            left = int(torch.randint(pixels.shape[1] - self.crop_width + 1, (1,), generator=generator))
+            top, left = random_crop_offsets(
+                pixels.shape[0], pixels.shape[1], self.crop_height, self.crop_width, generator
+            )
             self.normalized(pixels[top : top + self.crop_height, left : left + self.crop_width], out[index])
         return batch
