@@ -1,7 +1,9 @@
 """hf_clip.training and hf_clip.data.streams: data stream (formats, skipping, determinism), optimizer, cached
-accumulation, and real `accelerate launch examples/train.py` runs on 2 CPU processes (DDP, exact resume, saved folder
-loads in AutoModel and the pipeline)."""
+accumulation, and real `accelerate launch examples/train.py` runs on 2 CPU processes with device JPEG decoding (DDP,
+exact resume, saved folder loads in AutoModel and the pipeline); exact resume with the default CPU decoding in one
+process. tests/test_training_input.py checks the images the two decoding modes produce."""
 
+import functools
 import io
 import json
 import os
@@ -18,7 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_clip import ClipLoss, HfClipImageProcessor, HfClipModel, HfClipTokenizer, train_clip_bpe
-from hf_clip.data.streams import SKIP_REASONS, ClipBatches, DataSpec, load_stream
+from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
+from hf_clip.data.streams import SKIP_REASONS, ClipBatches, DataSpec, load_stream, random_crop
 from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
 from hf_clip.training import TrainConfig, main, parse_config
 from hf_clip.training.config import architecture
@@ -92,7 +95,7 @@ def make_batches(
     return ClipBatches(
         load_stream(spec),
         spec,
-        image_transform=lambda image, generator: processor.preprocess_for_training([image], generator)[0],
+        image_transform=functools.partial(random_crop, FastClipImagePreprocessor(processor)),
         tokenizer=tokenizer,
         batch_size=batch_size,
         seed=0,
@@ -249,16 +252,18 @@ def run_setup(tmp_path_factory, shards, tokenizer) -> dict:
         "vision_config": TINY_VIT,
     }
     (folder / "model.json").write_text(json.dumps(model_config))
-    return {
-        "folder": folder,
-        "args": [
-            "--model_config", str(folder / "model.json"), "--tokenizer_name_or_path", str(folder / "tokenizer"),
-            "--train_data_files", *shards, "--eval_data_files", shards[1], "--class_names", *COLORS,
-            "--templates", "a photo of a {c} square", "a {c} square",
-            "--per_device_batch_size", "3", "--gradient_accumulation_steps", "2", "--max_steps", "4",
-            "--warmup_steps", "1", "--logging_steps", "1", "--save_steps", "2", "--max_grad_norm", "1.0",
-        ],
-    }  # fmt: skip
+    training = [
+        "--model_config", str(folder / "model.json"), "--tokenizer_name_or_path", str(folder / "tokenizer"),
+        "--train_data_files", *shards,
+        "--per_device_batch_size", "3", "--gradient_accumulation_steps", "2", "--max_steps", "4",
+        "--warmup_steps", "1", "--logging_steps", "1", "--save_steps", "2", "--max_grad_norm", "1.0",
+    ]  # fmt: skip
+    evaluation = [
+        "--eval_data_files", shards[1], "--class_names", *COLORS,
+        "--templates", "a photo of a {c} square", "a {c} square",
+    ]  # fmt: skip
+    # The launches decode JPEGs on the (CPU) device; the one-process resume test runs the default CPU decoding.
+    return {"folder": folder, "training": training, "args": [*training, *evaluation, "--image_decoding", "device"]}
 
 
 def launch(args: list[str], output_dir: Path) -> subprocess.CompletedProcess:
@@ -284,8 +289,9 @@ def test_two_process_run_reports_skips_and_logs(full_run):
     records = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     last = records[-1]
-    # Each rank reads one shard of 24 samples (2 undecodable images and 1 empty caption; grayscale and CMYK train)
-    # and needs 4 steps × 2 micro-batches × 3 = 24 usable ones: it passes its whole shard and starts a second epoch.
+    # Each rank reads one shard of 24 samples (2 undecodable images, the truncated JPEG caught by the workers' check,
+    # and 1 empty caption; grayscale JPEGs train decoded on the device, CMYK ones decoded in the workers) and needs
+    # 4 steps × 2 micro-batches × 3 = 24 usable ones: it passes its whole shard and starts a second epoch.
     assert last["skipped/bad_image"] >= 2 * 2 and last["skipped/empty_caption"] >= 2 * 1
     assert last["skipped/missing_field"] == last["skipped/broken_shard"] == 0
     assert last["skipped_samples"] == sum(last[f"skipped/{reason}"] for reason in SKIP_REASONS)
@@ -324,6 +330,21 @@ def test_resume_is_bitwise_exact(run_setup, full_run):
     assert not torch.equal(early["model.logit_scale"], uninterrupted["logit_scale"]) or not torch.equal(
         early["model.text_projection.weight"], uninterrupted["text_projection.weight"]
     )
+
+
+def test_cpu_decoding_resume_is_bitwise_exact_in_one_process(run_setup, tmp_path):
+    """The default input path (workers decode with the fast exact preprocessing) resumes exactly too."""
+    main([*run_setup["training"], "--output_dir", str(tmp_path / "full")])
+    main([*run_setup["training"], "--output_dir", str(tmp_path / "interrupted"), "--stop_at_step", "2"])
+    main([*run_setup["training"], "--output_dir", str(tmp_path / "interrupted"), "--resume", "latest"])
+    resumed, uninterrupted = (
+        load_file(tmp_path / run / "model" / "model.safetensors") for run in ("interrupted", "full")
+    )
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert torch.equal(resumed[name], tensor), name
+    early = load_file(tmp_path / "full" / "checkpoints" / "step_00000002" / "model.safetensors")
+    assert not torch.equal(early["model.text_projection.weight"], uninterrupted["text_projection.weight"])
 
 
 def test_config_from_json_with_command_line_overrides(tmp_path):

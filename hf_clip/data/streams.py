@@ -16,20 +16,28 @@ continue inside a broken archive); it is logged and counted, never fatal.
 Determinism (for exact resume): the shuffle is seeded by (seed, epoch) through `set_epoch`, and each sample's random
 crop draws from a generator seeded by (seed, epoch, rank, worker, position), so an epoch's batches depend only on
 those numbers and can be replayed.
+
+Images are decoded in the workers (the default; the training loop uses `FastClipImagePreprocessor`, bit for bit the
+processor's pixels), or, with `DeviceJpegs`, RGB and grayscale JPEGs only checked there and decoded on the training
+device; the batch format of that mode is documented on `DeviceJpegs`.
 """
 
+import io
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import datasets
+import numpy as np
 import PIL.Image
 import torch
 from datasets.distributed import split_dataset_by_node
+from PIL import ExifTags
 
-from ..image_processing_hf_clip import load_image_bytes
+from ..image_processing_hf_clip import HfClipImageProcessor, decoded, load_image_bytes
+from .fast_preprocessing import default_pipeline_geometry, random_crop_offsets, resized_size
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +92,78 @@ def image_bytes(value: Any) -> bytes | bytearray | None:
 
 
 def random_crop(image_processor: Any, image: Any, generator: torch.Generator) -> torch.Tensor:
-    """The paper's training augmentation for one image: resize, then a random square crop (`HfClipImageProcessor`)."""
+    """The paper's training augmentation for one image: resize, then a random square crop, by
+    `image_processor.preprocess_for_training` (`HfClipImageProcessor` or `FastClipImagePreprocessor`: same pixels)."""
     return image_processor.preprocess_for_training([image], generator)[0]
+
+
+@dataclass
+class DeviceJpeg:
+    """A training image the device decodes: the JPEG file, its EXIF orientation and the crop drawn for it."""
+
+    data: bytes
+    orientation: int
+    top: int
+    left: int
+
+
+class DeviceJpegs:
+    """The worker side of `image_decoding="device"`: JPEGs are checked and cropped here, decoded on the device.
+
+    `__call__` takes the encoded image of one sample. An RGB or grayscale JPEG is decoded at 1/8 scale (PIL's draft
+    mode: the entropy decoding of the whole stream still runs, so a truncated or corrupt file fails here as it would
+    on the CPU path, at a fraction of a full decode's cost), and its crop offsets are drawn from the sample's
+    generator exactly as the CPU path draws them; everything else (PNG, CMYK JPEGs, ...) returns `None` and takes
+    the CPU path in the worker.
+
+    `collate` writes a batch whose samples come in their stream order from both paths:
+
+    - `decoded_on_device`: bool `(batch,)`, which rows the device decodes;
+    - `jpeg_data`: uint8, those rows' JPEG files concatenated, split by `jpeg_lengths` (int64, one per such row);
+    - `jpeg_orientations`: int64, their EXIF orientations (1-8); `jpeg_crop_offsets`: int64 `(rows, 2)`, the
+      `(top, left)` of each crop in the resized upright image;
+    - `cpu_pixel_values`: float32 `(other rows, 3, height, width)`, the other rows, preprocessed in the worker.
+
+    `hf_clip.training.batches.device_images` turns it into `pixel_values` on the device.
+    """
+
+    def __init__(self, processor: HfClipImageProcessor):
+        self.shortest_edge, self.crop_height, self.crop_width = default_pipeline_geometry(processor)
+
+    def __call__(self, data: bytes | bytearray, name: str, generator: torch.Generator) -> DeviceJpeg | None:
+        if data[:3] != b"\xff\xd8\xff":  # not a JPEG: the CPU path decodes it (and names the problem if it can't)
+            return None
+        try:
+            image = PIL.Image.open(io.BytesIO(data))
+        except PIL.UnidentifiedImageError as error:
+            raise ValueError(f"{name} is not an image in a format PIL can read ({error}).") from error
+        if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+            return None
+        width, height = image.size
+        orientation = int(image.getexif().get(ExifTags.Base.Orientation, 1))
+        if orientation in (5, 6, 7, 8):  # transposed: the upright image is height × width
+            width, height = height, width
+        image.draft("L", (1, 1))  # luma only, 1/8 scale
+        decoded(image, name)
+        top, left = random_crop_offsets(
+            *resized_size(self.shortest_edge, height, width), self.crop_height, self.crop_width, generator
+        )
+        return DeviceJpeg(bytes(data), orientation, top, left)
+
+    def collate(self, images: list[torch.Tensor | DeviceJpeg]) -> dict[str, torch.Tensor]:
+        jpegs = [image for image in images if isinstance(image, DeviceJpeg)]
+        pixels = [image for image in images if isinstance(image, torch.Tensor)]
+        offsets = torch.tensor([(jpeg.top, jpeg.left) for jpeg in jpegs], dtype=torch.int64)
+        return {
+            "decoded_on_device": torch.tensor([isinstance(image, DeviceJpeg) for image in images]),
+            "jpeg_data": torch.from_numpy(np.frombuffer(b"".join(jpeg.data for jpeg in jpegs), np.uint8).copy()),
+            "jpeg_lengths": torch.tensor([len(jpeg.data) for jpeg in jpegs], dtype=torch.int64),
+            "jpeg_orientations": torch.tensor([jpeg.orientation for jpeg in jpegs], dtype=torch.int64),
+            "jpeg_crop_offsets": offsets.view(-1, 2),  # (0, 2) when every row is decoded in the worker
+            "cpu_pixel_values": (
+                torch.stack(pixels) if pixels else torch.empty(0, 3, self.crop_height, self.crop_width)
+            ),
+        }
 
 
 def sample_seed(*parts: int) -> int:
@@ -103,6 +181,10 @@ class ClipBatches(torch.utils.data.IterableDataset):
     contrastive loss needs the same batch size on every rank). `skipped` counts, per `SKIP_REASONS`, the samples
     dropped since the previous batch of the same worker; a worker's pass ends with a `{"skipped"}`-only record when
     samples were dropped after its last full batch.
+
+    `image_transform(image, generator)` preprocesses a decoded image in the worker. With `device_jpegs`, the JPEGs
+    it accepts skip that transform and travel encoded: batches then carry `DeviceJpegs.collate`'s fields instead of
+    `pixel_values`.
     """
 
     def __init__(
@@ -116,6 +198,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         rank: int,
         world_size: int,
         shuffle_buffer: int = 1000,
+        device_jpegs: DeviceJpegs | None = None,
     ):
         super().__init__()
         if batch_size < 2:
@@ -127,6 +210,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
         self.spec = spec
         self.image_transform = image_transform
+        self.device_jpegs = device_jpegs
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.seed = seed
@@ -142,7 +226,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
         self._skips_logged = 0
-        images: list[torch.Tensor] = []
+        images: list[torch.Tensor | DeviceJpeg] = []
         captions: list[str] = []
         skipped: Counter[str] = Counter()
         position = 0
@@ -173,7 +257,9 @@ class ClipBatches(torch.utils.data.IterableDataset):
         if skipped:  # the counts of the dropped partial batch, as a record without samples
             yield {"skipped": self._counts(skipped)}
 
-    def _sample(self, example: dict, generator: torch.Generator, skipped: Counter) -> tuple[torch.Tensor, str] | None:
+    def _sample(
+        self, example: dict, generator: torch.Generator, skipped: Counter
+    ) -> tuple[torch.Tensor | DeviceJpeg, str] | None:
         key = example.get("__key__", "?")
         caption = example.get(self.spec.text_column)
         data = image_bytes(example.get(self.spec.image_column))
@@ -183,12 +269,16 @@ class ClipBatches(torch.utils.data.IterableDataset):
         if not isinstance(caption, str) or not caption.strip():
             self._skip(skipped, "empty_caption", key, "empty caption")
             return None
+        image: torch.Tensor | DeviceJpeg | None = None
         try:
-            pixel_values = self.image_transform(load_image_bytes(data, name=str(key)), generator)
+            if self.device_jpegs is not None:
+                image = self.device_jpegs(data, str(key), generator)
+            if image is None:
+                image = self.image_transform(load_image_bytes(data, name=str(key)), generator)
         except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
             self._skip(skipped, "bad_image", key, str(error))
             return None
-        return pixel_values, caption.strip()
+        return image, caption.strip()
 
     def _skip(self, skipped: Counter, reason: str, key: str, detail: str) -> None:
         skipped[reason] += 1
@@ -197,10 +287,16 @@ class ClipBatches(torch.utils.data.IterableDataset):
         level = logging.WARNING if self._skips_logged <= MAX_NAMED_SKIPS else logging.DEBUG
         logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
 
-    def _collate(self, images: list[torch.Tensor], captions: list[str], skipped: Counter) -> dict[str, torch.Tensor]:
+    def _collate(
+        self, images: list[torch.Tensor | DeviceJpeg], captions: list[str], skipped: Counter
+    ) -> dict[str, torch.Tensor]:
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        if self.device_jpegs is None:
+            pixels = {"pixel_values": torch.stack(cast(list[torch.Tensor], images))}
+        else:
+            pixels = self.device_jpegs.collate(images)
         return {
-            "pixel_values": torch.stack(images),
+            **pixels,
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "skipped": self._counts(skipped),

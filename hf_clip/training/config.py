@@ -39,6 +39,13 @@ class TrainConfig:
     text_column: str = field(default="txt", metadata={"help": "Caption column."})
     shuffle_buffer: int = 1000
     dataloader_num_workers: int = 0
+    image_decoding: str = field(
+        default="cpu",
+        metadata={
+            "help": "cpu: workers decode and crop (exact pixels) | device: workers check and crop-plan RGB/grayscale "
+            "JPEGs, the training device decodes them (needs torchvision; within a few 8-bit levels)."
+        },
+    )
     # Zero-shot evaluation on a held-out labelled split.
     eval_data_format: str = "webdataset"
     eval_data_files: list[str] = field(default_factory=list)
@@ -94,6 +101,8 @@ class TrainConfig:
                 f"per_device_batch_size must be at least 2, got {self.per_device_batch_size}: "
                 "with one pair there are no negatives and the contrastive loss is 0."
             )
+        if self.image_decoding not in ("cpu", "device"):
+            raise ValueError(f"image_decoding must be 'cpu' or 'device', got {self.image_decoding!r}.")
         if self.accumulation_mode not in ("cached", "plain"):
             raise ValueError(f"accumulation_mode must be 'cached' or 'plain', got {self.accumulation_mode!r}.")
         if self.gradient_accumulation_steps < 1 or self.max_steps < 1 or self.logging_steps < 1:

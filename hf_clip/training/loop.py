@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,8 @@ from accelerate.utils import is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, labelled_batches, load_stream, random_crop
+from ..data.fast_preprocessing import FastClipImagePreprocessor
+from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, DeviceJpegs, labelled_batches, load_stream, random_crop
 from ..loss import ClipLoss
 from ..processing_hf_clip import HfClipProcessor
 from .batches import device_batch
@@ -43,28 +45,40 @@ from .evaluation import zero_shot_accuracy
 from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
 from .steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, clamp_logit_scale_, plain_loss
 
+if TYPE_CHECKING:  # importing it needs torchvision, which only `image_decoding="device"` requires
+    from ..data.device_decoding import DeviceImagePreprocessor
+
 logger = logging.getLogger(__name__)
 
 
 def train_batches(
     config: TrainConfig, processor: HfClipProcessor, accelerator: Accelerator
-) -> tuple[ClipBatches, torch.utils.data.DataLoader]:
-    """This rank's batches. The DataLoader is not given to `accelerator.prepare`: `ClipBatches` already splits the
-    stream across ranks (`split_dataset_by_node`) and batches are moved to the device in the loop."""
+) -> tuple[ClipBatches, torch.utils.data.DataLoader, "DeviceImagePreprocessor | None"]:
+    """This rank's batches, and with `image_decoding="device"` the decoder `device_batch` needs for them.
+
+    The workers preprocess with `FastClipImagePreprocessor` (the processor's pixels bit for bit, same random draws).
+    The DataLoader is not given to `accelerator.prepare`: `ClipBatches` already splits the stream across ranks
+    (`split_dataset_by_node`) and batches are moved to the device in the loop."""
     spec = DataSpec(config.train_data_format, config.data_files(), config.image_column, config.text_column)
+    device_decoder = None
+    if config.image_decoding == "device":
+        from ..data.device_decoding import DeviceImagePreprocessor  # needs torchvision: imported for this mode only
+
+        device_decoder = DeviceImagePreprocessor(processor.image_processor, accelerator.device)
     batches = ClipBatches(
         load_stream(spec),
         spec,
-        image_transform=functools.partial(random_crop, processor.image_processor),
+        image_transform=functools.partial(random_crop, FastClipImagePreprocessor(processor.image_processor)),
         tokenizer=processor.tokenizer,
         batch_size=config.per_device_batch_size,
         seed=config.seed,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         shuffle_buffer=config.shuffle_buffer,
+        device_jpegs=DeviceJpegs(processor.image_processor) if device_decoder is not None else None,
     )
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.dataloader_num_workers)
-    return batches, loader
+    return batches, loader, device_decoder
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         # accumulation calls the embedder itself, so its forward is compiled too.
         step_loss = torch.compile(plain_loss, mode=config.torch_compile_mode)
         embedder.compile(mode=config.torch_compile_mode)
-    batches, loader = train_batches(config, processor, accelerator)
+    batches, loader, image_decoder = train_batches(config, processor, accelerator)
 
     step, cursor = 0, DataCursor()
     resume_from = checkpoint_to_resume(config.resume, output_dir)
@@ -147,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     while step < config.max_steps:
         step_start = time.perf_counter()
         micro_batches = [
-            device_batch(next(stream), accelerator.device) for _ in range(config.gradient_accumulation_steps)
+            device_batch(next(stream), accelerator.device, image_decoder)
+            for _ in range(config.gradient_accumulation_steps)
         ]
         if config.accumulation_mode == "cached" and len(micro_batches) > 1:
             loss = cached_accumulation_backward(
