@@ -122,6 +122,14 @@ class HfClipModel(HfClipPreTrainedModel):
         features = self.text_model.encode_text(input_ids, attention_mask, position_ids, recorder)
         return recorder.pack(projected(features, self.text_projection))
 
+    def get_packed_text_features(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+    ) -> torch.Tensor:
+        """Projected (not normalised) text embeddings, (batch, projection_dim), of a packed batch without padding
+        (`hf_clip.data.text_batching.pack_text`): the training path's text entry point, equal to
+        `get_text_features(...).pooler_output` of the padded batch. See `HfClipTextModel.encode_packed`."""
+        return self.text_projection(self.text_model.encode_packed(input_ids, position_ids, cu_seqlens))
+
     def get_image_features(
         self,
         pixel_values: torch.Tensor,

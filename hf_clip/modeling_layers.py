@@ -5,10 +5,11 @@ Module and parameter names equal transformers' CLIP names (`self_attn.{q,k,v,out
 `mlp.fc1/fc2`), so transformers checkpoints load with an identity key mapping.
 """
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -88,6 +89,78 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+def _varlen_attention() -> Callable[..., Any] | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # torch < 2.10
+        return None
+    return varlen_attn
+
+
+varlen_attn = _varlen_attention()
+# Its first releases take `is_causal=True`; later ones express causality as the window (-1, 0).
+VARLEN_CAUSAL_KWARGS: dict = (
+    {"window_size": (-1, 0)}
+    if varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+    else {"is_causal": True}
+)
+
+
+class PackedSequences(NamedTuple):
+    """Where the tokens of a packed batch (several captions back to back in one sequence) sit, so attention stays
+    within each caption. Built by `HfClipTextModel.encode_packed` from `cu_seqlens`."""
+
+    cu_seqlens: torch.Tensor  # (batch + 1,) int32 caption boundaries
+    sequence_ids: torch.Tensor  # (total_tokens,) each token's caption
+    position_ids: torch.Tensor  # (total_tokens,) each token's position in its caption
+    # A bound on caption length (the context), not the batch's longest: a constant, so no value is read back from
+    # the device and a compiled graph does not specialise on it.
+    max_seqlen: int
+
+
+def uses_varlen_kernel(query: torch.Tensor, dropout: float) -> bool:
+    """Whether packed attention runs torch's varlen flash kernel: CUDA (Ampere or newer), half precision, no
+    dropout. Meta tensors (shape-only runs such as FLOP counting) take the same path as CUDA."""
+    if varlen_attn is None or dropout != 0.0 or query.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if query.shape[-1] % 8 != 0 or query.shape[-1] > 256:  # the flash kernel's head sizes
+        return False
+    if query.device.type == "meta":
+        return True
+    return query.device.type == "cuda" and torch.cuda.get_device_properties(query.device).major >= 8
+
+
+def packed_causal_attention(
+    module: "HfClipMultiHeadAttention",
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    packed: PackedSequences,
+    dropout: float,
+) -> torch.Tensor:
+    """Causal attention within each caption of a packed batch; query, key and value are (total_tokens, heads,
+    head_dim), and so is the output. The work follows the sum of caption lengths on the varlen kernel."""
+    cu_seqlens, max_seqlen = packed.cu_seqlens, packed.max_seqlen
+    if varlen_attn is not None and uses_varlen_kernel(query, dropout):
+        return varlen_attn(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **VARLEN_CAUSAL_KWARGS)
+    # Exact fallback for the configured backend: the captions as a right-padded (batch, max_seqlen) block. Causal
+    # attention never looks past a caption's own tokens, so the padding needs no mask and is dropped afterwards.
+    batch_size = cu_seqlens.shape[0] - 1
+    index = (packed.sequence_ids, packed.position_ids)
+
+    def padded(tokens: torch.Tensor) -> torch.Tensor:
+        block = tokens.new_zeros(batch_size, max_seqlen, *tokens.shape[1:]).index_put(index, tokens)
+        return block.transpose(1, 2)
+
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    attn_output, _ = attention_interface(
+        module, padded(query), padded(key), padded(value), None, scaling=module.scale, dropout=dropout, is_causal=True
+    )
+    return attn_output[index]  # the backends return (batch, seq_len, heads, head_dim)
+
+
 class HfClipResidualLinear(nn.Linear):
     """A Linear that writes a block's output into the residual stream (attention `out_proj`, MLP `fc2`). The type
     marks it for `_init_weights`, which scales its std by (2·num_layers)^-0.5 as OpenAI does."""
@@ -128,24 +201,33 @@ class HfClipMultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim)
 
     def attend(
-        self, queries: torch.Tensor, keys: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+        self,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        dropout: float,
+        packed: PackedSequences | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of `queries` (batch, q_len, embed_dim) over `keys` (batch, kv_len, embed_dim), which also give
         the values. Returns the heads' outputs side by side, (batch, q_len, embed_dim), and the attention maps where
-        the backend computes them."""
+        the backend computes them. With `packed`, the batch is one sequence of several captions, each attending
+        causally to itself only (`packed_causal_attention`)."""
         batch_size = queries.shape[0]
         head_shape = (batch_size, -1, self.num_heads, self.head_dim)
-        query = self.q_proj(queries).view(head_shape).transpose(1, 2)
-        key = self.k_proj(keys).view(head_shape).transpose(1, 2)
-        value = self.v_proj(keys).view(head_shape).transpose(1, 2)
+        query = self.q_proj(queries).view(head_shape)
+        key = self.k_proj(keys).view(head_shape)
+        value = self.v_proj(keys).view(head_shape)
+        if packed is not None:
+            packed_output = packed_causal_attention(self, query[0], key[0], value[0], packed, dropout)
+            return packed_output.reshape(batch_size, -1, self.embed_dim), None
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(
             self,
-            query,
-            key,
-            value,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
             attention_mask,
             scaling=self.scale,
             dropout=dropout,
@@ -163,10 +245,13 @@ class HfClipAttention(HfClipMultiHeadAttention):
         self.out_proj = HfClipResidualLinear(self.embed_dim, self.embed_dim)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packed: PackedSequences | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dropout = self.dropout if self.training else 0.0
-        attn_output, attn_weights = self.attend(hidden_states, hidden_states, attention_mask, dropout)
+        attn_output, attn_weights = self.attend(hidden_states, hidden_states, attention_mask, dropout, packed)
         return self.out_proj(attn_output), attn_weights
 
 
@@ -193,9 +278,12 @@ class HfClipEncoderLayer(GradientCheckpointingLayer):
         self.mlp = HfClipMLP(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        packed: PackedSequences | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask)
+        attn_output, attn_weights = self.self_attn(self.layer_norm1(hidden_states), attention_mask, packed)
         hidden_states = hidden_states + attn_output
         hidden_states = hidden_states + self.mlp(self.layer_norm2(hidden_states))
         return hidden_states, attn_weights
@@ -209,12 +297,16 @@ class HfClipEncoder(nn.Module):
         )
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, recorder: OutputRecorder
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        recorder: OutputRecorder,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
         """The last layer's output; records the input, every layer's output and every attention map."""
         recorder.record(hidden_states)
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, attention_mask)
+            hidden_states, attn_weights = layer(hidden_states, attention_mask, packed=packed)
             recorder.record(hidden_states, attn_weights)
         return hidden_states
 

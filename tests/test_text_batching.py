@@ -1,10 +1,11 @@
-"""trim_to_longest: shapes, input checks, and exactness of the trimmed, mask-free text path for loss and gradients."""
+"""trim_to_longest and pack_text: shapes, input checks, and exactness of the trimmed, mask-free text path for loss and
+gradients (the packed path's exactness is in tests/test_packed_text.py)."""
 
 import pytest
 import torch
 
 from hf_clip import HfClipModel
-from hf_clip.data.text_batching import trim_to_longest
+from hf_clip.data.text_batching import PackedText, pack_text, trim_to_longest
 from hf_clip.testing_utils import random_text, tiny_config
 
 LENGTHS = [5, 9, 3, 7]
@@ -37,6 +38,32 @@ def test_trim_rejects_left_padding_mismatched_shapes_and_empty_batches():
         trim_to_longest(text["input_ids"], torch.zeros_like(text["attention_mask"]))
     with pytest.raises(ValueError, match="positive"):
         trim_to_longest(text["input_ids"], text["attention_mask"], pad_to_multiple_of=0)
+
+
+def test_pack_keeps_every_real_token_and_no_padding():
+    text = random_text(4, 16, LENGTHS)
+    packed = pack_text(text["input_ids"], text["attention_mask"])
+    assert isinstance(packed, PackedText)
+    assert packed.input_ids.shape == packed.position_ids.shape == (1, sum(LENGTHS))
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, 5, 14, 17, 24]
+    for row, length in enumerate(LENGTHS):
+        start = int(packed.cu_seqlens[row])
+        assert torch.equal(packed.input_ids[0, start : start + length], text["input_ids"][row, :length])
+        assert packed.position_ids[0, start : start + length].tolist() == list(range(length))
+    moved = packed.to("meta")
+    assert all(tensor.is_meta for tensor in moved) and moved.input_ids.shape == packed.input_ids.shape
+
+
+def test_pack_rejects_left_padding_empty_rows_and_mismatched_shapes():
+    text = random_text(4, 16, LENGTHS)
+    with pytest.raises(ValueError, match="pack_text needs right-padded"):
+        pack_text(text["input_ids"], text["attention_mask"].flip(1))
+    empty = text["attention_mask"].clone()
+    empty[2] = 0
+    with pytest.raises(ValueError, match=r"rows \[2\] are empty"):
+        pack_text(text["input_ids"], empty)
+    with pytest.raises(ValueError, match="one shape"):
+        pack_text(text["input_ids"], text["attention_mask"][:, :8])
 
 
 def _loss_and_grads(model: HfClipModel, pixel_values, input_ids, attention_mask):
