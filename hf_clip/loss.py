@@ -74,13 +74,16 @@ class ClipLoss(nn.Module):
     values is the global-batch loss, and the mean over ranks of the gradients (what DDP, FSDP and
     `accelerator.backward` do) is exactly the global-batch gradient. Do not rescale the loss by the world size;
     average it over ranks only for logging (`accelerator.reduce(loss, "mean")`). Every rank must pass the same
-    local batch size (use `drop_last=True`); a mismatch raises.
+    local batch size (use `drop_last=True`): the first call compares the ranks' sizes (one collective and one read
+    back from the device per run) and raises on a mismatch; later calls only check that this rank's size stays the
+    one compared, so a training step never waits on the host.
     """
 
     def __init__(self, local_loss: bool = True, gather_with_grad: bool = True):
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.checked_local_batch: int | None = None
 
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
@@ -101,7 +104,7 @@ class ClipLoss(nn.Module):
         rank, world_size = _distributed_world()
         local_batch = image_embeds.shape[0]
         if world_size > 1:
-            _check_equal_batches(local_batch, world_size, image_embeds.device)
+            self.check_equal_batches(local_batch, world_size, image_embeds.device)
         if local_batch * world_size < 2:
             raise ValueError("the contrastive loss needs a global batch of at least 2 pairs (1 has no negatives).")
 
@@ -114,11 +117,21 @@ class ClipLoss(nn.Module):
         logits_per_image = logit_scale * image_embeds @ all_text.t()
         return (contrastive_loss(logits_per_text, labels) + contrastive_loss(logits_per_image, labels)) / 2
 
-
-def _check_equal_batches(local_batch: int, world_size: int, device: torch.device) -> None:
-    # One tiny collective: a clear error instead of a hang or silently wrong labels on a short last batch.
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([local_batch], device=device))
-    sizes_list = [int(size) for size in sizes]
-    if len(set(sizes_list)) != 1:
-        raise ValueError(f"ClipLoss needs the same local batch size on every rank, got {sizes_list} (use drop_last).")
+    def check_equal_batches(self, local_batch: int, world_size: int, device: torch.device) -> None:
+        """A clear error instead of a hang or silently wrong labels when the ranks' local batches differ."""
+        if self.checked_local_batch is None:
+            # One tiny collective, on the first call only: its read-back would stall every step.
+            sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+            dist.all_gather(sizes, torch.tensor([local_batch], device=device))
+            sizes_list = [int(size) for size in sizes]
+            if len(set(sizes_list)) != 1:
+                raise ValueError(
+                    f"ClipLoss needs the same local batch size on every rank, got {sizes_list} (use drop_last)."
+                )
+            self.checked_local_batch = local_batch
+        elif local_batch != self.checked_local_batch:
+            # Checked locally: a collective now would pair with the other ranks' feature all-gather.
+            raise ValueError(
+                f"ClipLoss needs the same local batch size on every rank and every call: the ranks were compared at "
+                f"{self.checked_local_batch}, this call has {local_batch} (use drop_last)."
+            )

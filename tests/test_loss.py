@@ -81,9 +81,34 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             ClipLoss()(*model(images[: LOCAL_BATCH + rank], texts[: LOCAL_BATCH + rank]))
         except ValueError as error:
             results["uneven_error"] = str(error)
+        results.update(_batch_size_checks(images[rows], texts[rows]))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _batch_size_checks(images: torch.Tensor, texts: torch.Tensor) -> dict:
+    """How often one ClipLoss compares the ranks' batch sizes over three steps, and the error when they change."""
+    loss_fn, towers, size_checks = ClipLoss(), make_model(), []
+    all_gather = dist.all_gather  # the size check's collective (the features go through the autograd all-gather)
+
+    def counted_all_gather(*args, **kwargs):
+        size_checks.append(1)
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counted_all_gather
+    try:
+        with torch.no_grad():
+            for _ in range(3):
+                loss_fn(*towers(images, texts))
+    finally:
+        dist.all_gather = all_gather
+    results = {"size_checks": len(size_checks)}
+    try:  # every rank's batch shrinks: each raises on its own, with no collective left waiting
+        loss_fn(*towers(images[:-1], texts[:-1]))
+    except ValueError as error:
+        results["changed_error"] = str(error)
+    return results
 
 
 def _free_port() -> int:
@@ -126,6 +151,13 @@ def test_detached_gather_loses_the_negatives_gradient(distributed_results):
 def test_uneven_local_batches_raise(distributed_results):
     _, results = distributed_results
     assert all("same local batch size" in rank_results["uneven_error"] for rank_results in results)
+
+
+def test_batch_sizes_are_compared_once_then_checked_locally(distributed_results):
+    _, results = distributed_results
+    for rank_results in results:
+        assert rank_results["size_checks"] == 1
+        assert "were compared at 3, this call has 2" in rank_results["changed_error"]
 
 
 def test_single_process_without_process_group_is_clip_loss():
