@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..data.text_batching import pack_text
+
 if TYPE_CHECKING:  # importing it needs torchvision, which only `image_decoding="device"` requires
     from ..data.device_decoding import DeviceImagePreprocessor
 
@@ -39,8 +41,12 @@ def device_images(
 
 
 def device_text(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The token batch on the device."""
-    return {name: batch[name].to(device, non_blocking=True) for name in ("input_ids", "attention_mask")}
+    """The token batch on the device, packed without padding: `input_ids`, `position_ids` and `cu_seqlens` of
+    `hf_clip.data.text_batching.pack_text`, which `ClipEmbedder` embeds at a cost that follows the sum of caption
+    lengths. Packing reads the caption lengths from these CPU tensors, so the step never reads them from the
+    device."""
+    packed = pack_text(batch["input_ids"], batch["attention_mask"])
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in packed._asdict().items()}
 
 
 def device_batch(

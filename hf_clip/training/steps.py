@@ -32,9 +32,19 @@ class ClipEmbedder(nn.Module):
     Training goes through this forward only, so DDP's gradient hooks and FSDP's parameter gathering see every use of
     the weights (including `logit_scale`). Pass images, text or both; the missing side comes back as `None`.
 
-    The training steps pass no attention mask: captions are padded after their EOS, and the causal text tower pools
-    at the EOS, so the mask cannot change the loss; without it sdpa runs its `is_causal` kernel on an unmaterialised
-    mask (`tests/test_text_batching.py` checks loss and gradients against the masked step).
+    Text comes in one of two layouts:
+
+    - packed, when `cu_seqlens` is given: `input_ids`, `position_ids` and `cu_seqlens` of
+      `hf_clip.data.text_batching.pack_text` (what `hf_clip.training.batches.device_text` sends), embedded by
+      `HfClipModel.get_packed_text_features`. The work follows the sum of caption lengths, and no value is read
+      back from the device except once per run: the first packed batch is checked (ids in the vocabulary, an EOS
+      in every caption; a compiled forward skips the check, as it skips the padded path's);
+    - padded: `input_ids` (batch, seq_len) and optionally `attention_mask`, through `get_text_features` and its
+      input checks on every call (zero-shot evaluation, callers with padded batches). The training steps pass no
+      attention mask here: captions are padded after their EOS, and the causal text tower pools at the EOS, so the
+      mask cannot change the loss; without it sdpa runs its `is_causal` kernel on an unmaterialised mask.
+
+    `tests/test_packed_text.py` and `tests/test_text_batching.py` check both against the padded, masked step.
     """
 
     def __init__(self, model: HfClipModel):
@@ -44,12 +54,15 @@ class ClipEmbedder(nn.Module):
         # (a ViT model has no ResNet bottleneck), so keep the present ones.
         present = {type(module).__name__ for module in model.modules()}
         self._no_split_modules = [name for name in model._no_split_modules or [] if name in present]
+        self.packed_text_checked = False
 
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         image_embeds = text_embeds = None
         # Tuple outputs: (last hidden state, pooled projected embedding).
@@ -57,10 +70,30 @@ class ClipEmbedder(nn.Module):
             image_features = self.model.get_image_features(pixel_values, return_dict=False)[1]
             image_embeds = nn.functional.normalize(image_features, dim=-1)
         if input_ids is not None:
-            text_output = self.model.get_text_features(input_ids, attention_mask=attention_mask, return_dict=False)
-            text_embeds = nn.functional.normalize(text_output[1], dim=-1)
+            text_features = self.text_features(input_ids, attention_mask, position_ids, cu_seqlens)
+            text_embeds = nn.functional.normalize(text_features, dim=-1)
         logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
         return image_embeds, text_embeds, logit_scale
+
+    def text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Projected text embeddings of a packed batch (with `cu_seqlens`) or of a padded one."""
+        if cu_seqlens is None:
+            # Tuple output: (last hidden state, pooled projected embedding).
+            padded = self.model.get_text_features(input_ids, attention_mask, position_ids, return_dict=False)
+            return padded[1]
+        if position_ids is None:
+            raise ValueError("packed text needs `position_ids` with `cu_seqlens` (pack_text writes both).")
+        # Batches come from one tokenizer, so the first shows whether it matches the model: one read-back per run.
+        if not self.packed_text_checked and not torch.compiler.is_compiling():
+            self.model.text_model.check_packed_input_ids(input_ids, cu_seqlens)
+            self.packed_text_checked = True
+        return self.model.get_packed_text_features(input_ids, position_ids, cu_seqlens)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -102,8 +135,14 @@ def clamp_logit_scale_(model: HfClipModel) -> None:
     model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
 
 
+def text_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A training batch's text as `ClipEmbedder` takes it: the packed layout of `device_text`, or padded `input_ids`
+    alone (the attention mask is left out: see `ClipEmbedder`)."""
+    return {name: batch[name] for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+
+
 def plain_loss(embedder: nn.Module, loss_fn: ClipLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], batch["input_ids"])
+    image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], **text_inputs(batch))
     return loss_fn(image_embeds, text_embeds, logit_scale)
 
 
@@ -121,7 +160,7 @@ def cached_accumulation_backward(
     `lambda: accelerator.no_sync(model)`) skips DDP's gradient all-reduce on all but the last micro-batch.
     """
     with torch.no_grad():
-        cached = [embedder(b["pixel_values"], b["input_ids"])[:2] for b in micro_batches]
+        cached = [embedder(batch["pixel_values"], **text_inputs(batch))[:2] for batch in micro_batches]
     cached_images = [image for image, _ in cached]
     cached_texts = [text for _, text in cached]
     loss = torch.zeros(())
@@ -129,7 +168,7 @@ def cached_accumulation_backward(
         last = index == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with context:
-            image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], batch["input_ids"])
+            image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], **text_inputs(batch))
             images = torch.cat([*cached_images[:index], image_embeds, *cached_images[index + 1 :]])
             texts = torch.cat([*cached_texts[:index], text_embeds, *cached_texts[index + 1 :]])
             # The temperature's gradient must be counted once, not once per micro-batch: on the last one, whose
