@@ -24,10 +24,11 @@ from hf_clip.foreign_configs import (
     TRANSFORMERS_VISION_FIELDS,
     transformers_clip_config,
 )
+from hf_clip.tokenization_hf_clip import check_tokenizer
 
 from .checks import assert_parity, clip_model_outputs, load_strict, parity_inputs
 from .key_mappings import StateDict
-from .processor_from_source import check_tokenizer, clip_image_processor, tokenizer_from_folder
+from .processor_from_source import clip_image_processor, tokenizer_from_folder
 
 # transformers' original CLIP configs say eos_token_id=2, which its CLIP text model reads as "pool at the highest id".
 LEGACY_EOS_TOKEN_ID = 2

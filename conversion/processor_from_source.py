@@ -15,6 +15,7 @@ from typing import Any
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
 from hf_clip import HfClipConfig, HfClipImageProcessor, HfClipProcessor, HfClipTokenizer
+from hf_clip.tokenization_hf_clip import check_tokenizer
 
 INTERPOLATIONS = {"bicubic": PILImageResampling.BICUBIC, "bilinear": PILImageResampling.BILINEAR}
 
@@ -62,20 +63,6 @@ def tokenizer_from_folder(folder: str | Path) -> HfClipTokenizer:
 def _merge_pair(merge: str | list[str]) -> tuple[str, str]:
     left, right = merge.split() if isinstance(merge, str) else merge
     return left, right
-
-
-def check_tokenizer(tokenizer: HfClipTokenizer, config: HfClipConfig) -> HfClipTokenizer:
-    """The tokenizer must produce ids the text tower was trained on; its context is the model's."""
-    text_config = config.tower_configs()[0]
-    found = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    wanted = (text_config.vocab_size, text_config.bos_token_id, text_config.eos_token_id)
-    if found != wanted:
-        raise ValueError(
-            f"tokenizer (vocabulary {found[0]}, BOS {found[1]}, EOS {found[2]}) does not fit the model (vocabulary "
-            f"{wanted[0]}, BOS {wanted[1]}, EOS {wanted[2]}): pass the vocabulary this checkpoint was trained with."
-        )
-    tokenizer.model_max_length = text_config.max_position_embeddings
-    return tokenizer
 
 
 def openai_processor(config: HfClipConfig, bpe_path: str | Path | None = None) -> HfClipProcessor:

@@ -185,6 +185,23 @@ class HfClipTokenizer(TokenizersBackend):
         return super()._encode_plus(_cleaned(text), _cleaned(text_pair) if text_pair is not None else None, **kwargs)
 
 
+def check_tokenizer(tokenizer: TokenizersBackend, config: Any) -> TokenizersBackend:
+    """The tokenizer must produce the ids the text tower was built for (vocabulary size, BOS, EOS: an id outside the
+    vocabulary or a caption without the tower's EOS cannot be embedded); its context becomes the model's.
+
+    `config` is an `HfClipConfig` (or anything with `tower_configs()`)."""
+    text_config = config.tower_configs()[0]
+    found = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    wanted = (text_config.vocab_size, text_config.bos_token_id, text_config.eos_token_id)
+    if found != wanted:
+        raise ValueError(
+            f"tokenizer (vocabulary {found[0]}, BOS {found[1]}, EOS {found[2]}) does not fit the model (vocabulary "
+            f"{wanted[0]}, BOS {wanted[1]}, EOS {wanted[2]}): pass the vocabulary this checkpoint was trained with."
+        )
+    tokenizer.model_max_length = text_config.max_position_embeddings
+    return tokenizer
+
+
 def _cleaned(text: Any) -> Any:
     """`clean_text` over a string or a (nested) list of strings; anything else raises a clear error."""
     if isinstance(text, str):
@@ -228,4 +245,4 @@ def train_clip_bpe(
     return HfClipTokenizer(vocab=build_clip_vocab(merges), merges=merges, model_max_length=model_max_length)
 
 
-__all__ = ["HfClipTokenizer", "clean_text", "train_clip_bpe"]
+__all__ = ["HfClipTokenizer", "check_tokenizer", "clean_text", "train_clip_bpe"]

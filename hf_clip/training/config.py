@@ -14,7 +14,7 @@ from ..configuration_hf_clip import HfClipConfig
 from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
-from ..tokenization_hf_clip import HfClipTokenizer
+from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
 
 @dataclass
@@ -169,10 +169,10 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
 
 
 def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) -> HfClipProcessor:
-    """The tokenizer (truncating at the text tower's context length) and an image processor at its resolution."""
-    text_config, vision_config = model_config.tower_configs()
-    tokenizer.model_max_length = min(tokenizer.model_max_length, text_config.max_position_embeddings)
-    size = vision_config.image_size
+    """The tokenizer (checked against the text tower once per run, so the compiled step needs no per-batch check;
+    truncating at the tower's context length) and an image processor at the model's resolution."""
+    check_tokenizer(tokenizer, model_config)
+    size = model_config.tower_configs()[1].image_size
     image_processor = HfClipImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
