@@ -29,8 +29,15 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
 from ..data.streams import DATA_FORMATS, DataSpec
-from .encoders import NUMPY_DTYPES, TORCH_DTYPES, ImagePreprocessor, embedding_dim, image_embeddings, load_clip
-from .encoders import text_embeddings as encode_captions
+from .encoders import (
+    NUMPY_DTYPES,
+    TORCH_DTYPES,
+    ImagePreprocessor,
+    embedding_dim,
+    image_embeddings,
+    load_clip,
+    text_embeddings,
+)
 from .layout import (
     CAPTION_COLUMN,
     JOB_FILE,
@@ -44,8 +51,6 @@ from .layout import (
     write_part,
 )
 from .samples import PartBatches, count_parts, resolve_data_files
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_COLUMNS = {"imagefolder": "image", "webdataset": "jpg", "parquet": "image"}
 
@@ -68,7 +73,14 @@ class EmbedConfig:
     )
     batch_size: int = 64
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers decoding images, per process."})
-    part_size: int = field(default=10_000, metadata={"help": "Images per part (imagefolder; else one per file)."})
+    part_size: int = field(
+        default=1000,
+        metadata={
+            "help": "Images per part of an imagefolder (other formats: one part per file). A worker decodes whole "
+            "parts, and a killed job redoes at most its unfinished ones: smaller parts, more parallelism and less "
+            "redone, more files."
+        },
+    )
     output_dtype: str = field(default="float16", metadata={"help": "float16 | float32"})
     model_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
 
@@ -197,7 +209,7 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
             if embed_images:
                 buffer.add("image", image_embeddings(model, batch["pixel_values"]).astype(output_dtype))
             if embed_texts:
-                buffer.add("text", encode_captions(model, tokenizer, batch["captions"]).astype(output_dtype))
+                buffer.add("text", text_embeddings(model, tokenizer, batch["captions"]).astype(output_dtype))
             buffer.keys.extend(batch["keys"])
             if batch["captions"] is not None:
                 buffer.captions.extend(batch["captions"])

@@ -5,12 +5,13 @@ Parts are fixed by the data alone, so any number of processes produce the same p
 
 - webdataset and parquet: one part per shard of the `datasets` stream, that is per input file, in sorted path
   order (a process reads only its own files);
-- imagefolder: `part_size` consecutive images of the folder's stream. Every process walks the stream, which costs
-  little because an imagefolder example is a path: only a process's own images are opened.
+- imagefolder: `part_size` consecutive images of the folder's stream. Every worker walks the stream, which costs
+  little because an imagefolder example is a path: only a worker's own images are opened.
 
 Part `n` belongs to process `n % world_size`, and within a process to DataLoader worker
-`(n // world_size) % num_workers`. Since a batch never mixes parts, its contents, and so its embeddings, are the
-same whatever the number of processes or workers.
+`(n // world_size) % num_workers`: a worker decodes whole parts, so a process decodes in parallel only when it has
+several parts. Since a batch never mixes parts, its contents, and so its embeddings, are the same whatever the
+number of processes or workers.
 """
 
 import glob
