@@ -6,7 +6,8 @@
 Embeddings are L2-normalised, so inner product is cosine similarity. `flat` scores every vector (exact, the
 default); `ivf` (inverted lists over k-means cells, `nprobe` cells searched) and `hnsw` (a navigable graph,
 `ef_search` candidates kept) trade exactness for speed. An approximate index is measured when built: recall@10
-against the exact top 10 of up to 1,000 stored vectors used as queries, saved with it and printed.
+against the exact top 10 for up to 1,000 stored vectors used as queries (each one's own row left out), saved with
+it and printed.
 
 The saved folder holds `{modality}.index` (faiss), `{modality}_metadata.parquet` (one row per vector: the key
 `image_path` and the caption when the job kept one) and `{modality}_index.json` (type, parameters, size, recall,
@@ -75,12 +76,28 @@ def build_faiss_index(vectors: np.ndarray, settings: IndexSettings) -> faiss.Ind
     return index
 
 
-def recall_at_k(approximate: faiss.Index, exact: faiss.Index, queries: np.ndarray, k: int = RECALL_K) -> float:
-    """Mean fraction of each query's exact top `k` that the approximate index also returns in its top `k`."""
-    _, exact_ids = exact.search(queries, k)
-    _, found_ids = approximate.search(queries, k)
-    hits = [len(set(truth[truth >= 0]) & set(found)) / k for truth, found in zip(exact_ids, found_ids, strict=True)]
-    return float(np.mean(hits))
+def recall_at_k(
+    approximate: faiss.Index,
+    exact: faiss.Index,
+    queries: np.ndarray,
+    k: int = RECALL_K,
+    query_ids: np.ndarray | None = None,
+) -> float:
+    """Mean fraction of each query's exact top `k` that the approximate index also returns in its top `k`.
+
+    `query_ids`: the rows the queries were taken from, left out of both lists (finding itself proves nothing).
+    """
+    extra = 0 if query_ids is None else 1
+    _, exact_ids = exact.search(queries, k + extra)
+    _, found_ids = approximate.search(queries, k + extra)
+    own = np.full(len(queries), -1) if query_ids is None else query_ids
+    recalls = []
+    for truth, found, row in zip(exact_ids.tolist(), found_ids.tolist(), own.tolist(), strict=True):
+        truth_top = [i for i in truth if i not in (-1, row)][:k]  # -1: fewer rows than asked for
+        found_top = [i for i in found if i not in (-1, row)][:k]
+        if truth_top:
+            recalls.append(len(set(truth_top) & set(found_top)) / len(truth_top))
+    return float(np.mean(recalls)) if recalls else 1.0
 
 
 class EmbeddingIndex:
@@ -106,9 +123,9 @@ class EmbeddingIndex:
             info["nlist"] = int(faiss.extract_index_ivf(index).nlist)
         if settings.index_type != "flat":
             rng = np.random.default_rng(settings.seed)
-            rows = rng.choice(len(vectors), size=min(settings.recall_queries, len(vectors)), replace=False)
+            rows = np.sort(rng.choice(len(vectors), size=min(settings.recall_queries, len(vectors)), replace=False))
             exact = build_faiss_index(vectors, IndexSettings(index_type="flat"))
-            info[f"recall@{RECALL_K}"] = recall_at_k(index, exact, vectors[np.sort(rows)], min(RECALL_K, len(vectors)))
+            info[f"recall@{RECALL_K}"] = recall_at_k(index, exact, vectors[rows], RECALL_K, query_ids=rows)
         return cls(index, metadata, info)
 
     @classmethod
