@@ -32,9 +32,16 @@ def test_wheel_holds_every_package_module_and_data_file_and_nothing_else(wheel):
     assert not [name for name in names if name.split("/")[0] in ("examples", "conversion", "tests", "docs")]
     entry_points = next(name for name in names if name.endswith("entry_points.txt"))
     scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
-    for script in ("hf-clip-train = hf_clip.training.loop:main", "hf-clip-eval = hf_clip.evaluation.runner:main"):
+    for script in (
+        "hf-clip-train = hf_clip.training.loop:main",
+        "hf-clip-eval = hf_clip.evaluation.runner:main",
+        "hf-clip-demo = hf_clip.demo.fashion_mnist:main",
+        "hf-clip-embed = hf_clip.embedding.job:main",
+        "hf-clip-index = hf_clip.embedding.index:main",
+        "hf-clip-search = hf_clip.embedding.search:main",
+        "hf-clip-export-onnx = hf_clip.onnx.export:main",
+    ):
         assert script in scripts
-    assert "hf-clip-demo = hf_clip.demo.fashion_mnist:main" in scripts
 
 
 def test_unpacked_wheel_imports_and_builds_a_published_architecture(wheel, tmp_path):
