@@ -174,6 +174,24 @@ def sample_seed(*parts: int) -> int:
     return seed
 
 
+class SkipLog:
+    """Counts skipped samples by reason and names the first `MAX_NAMED_SKIPS` of a worker's pass in the log (enough
+    to find a bad shard or file); later ones go to DEBUG, and the counts travel with the data anyway."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.named = 0
+
+    def restart(self) -> None:
+        self.named = 0
+
+    def skip(self, skipped: Counter[str], reason: str, key: str, detail: str) -> None:
+        skipped[reason] += 1
+        self.named += 1
+        level = logging.WARNING if self.named <= MAX_NAMED_SKIPS else logging.DEBUG
+        logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
+
+
 class ClipBatches(torch.utils.data.IterableDataset):
     """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped"}` for one rank.
 
@@ -216,7 +234,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         self.seed = seed
         self.rank = rank
         self.epoch = 0
-        self._skips_logged = 0
+        self.skip_log = SkipLog(rank)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -225,7 +243,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
-        self._skips_logged = 0
+        self.skip_log.restart()
         images: list[torch.Tensor | DeviceJpeg] = []
         captions: list[str] = []
         skipped: Counter[str] = Counter()
@@ -264,10 +282,10 @@ class ClipBatches(torch.utils.data.IterableDataset):
         caption = example.get(self.spec.text_column)
         data = image_bytes(example.get(self.spec.image_column))
         if data is None or caption is None:
-            self._skip(skipped, "missing_field", key, "no image or no caption")
+            self.skip_log.skip(skipped, "missing_field", key, "no image or no caption")
             return None
         if not isinstance(caption, str) or not caption.strip():
-            self._skip(skipped, "empty_caption", key, "empty caption")
+            self.skip_log.skip(skipped, "empty_caption", key, "empty caption")
             return None
         image: torch.Tensor | DeviceJpeg | None = None
         try:
@@ -276,16 +294,9 @@ class ClipBatches(torch.utils.data.IterableDataset):
             if image is None:
                 image = self.image_transform(load_image_bytes(data, name=str(key)), generator)
         except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
-            self._skip(skipped, "bad_image", key, str(error))
+            self.skip_log.skip(skipped, "bad_image", key, str(error))
             return None
         return image, caption.strip()
-
-    def _skip(self, skipped: Counter, reason: str, key: str, detail: str) -> None:
-        skipped[reason] += 1
-        self._skips_logged += 1
-        # Name the first few (enough to find a bad shard); the counts reach the logs with every batch anyway.
-        level = logging.WARNING if self._skips_logged <= MAX_NAMED_SKIPS else logging.DEBUG
-        logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
 
     def _collate(
         self, images: list[torch.Tensor | DeviceJpeg], captions: list[str], skipped: Counter

@@ -26,11 +26,10 @@ import datasets
 import PIL.Image
 import torch
 
-from ..data.streams import SKIP_REASONS, DataSpec, image_bytes, load_stream
+from ..data.streams import SKIP_REASONS, DataSpec, SkipLog, image_bytes, load_stream
 
 logger = logging.getLogger(__name__)
 
-MAX_NAMED_SKIPS = 20  # per worker; later skips are logged at DEBUG level
 BROKEN_STREAM = object()  # stands in for the examples a broken archive did not deliver
 
 
@@ -122,7 +121,7 @@ class PartBatches(torch.utils.data.IterableDataset):
         self.world_size = world_size
         self.finished = finished
         self.key_column = key_column
-        self._skips_logged = 0
+        self.skip_log = SkipLog(rank)
 
     def owns(self, number: int, worker_id: int, num_workers: int) -> bool:
         return (
@@ -134,7 +133,7 @@ class PartBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
-        self._skips_logged = 0
+        self.skip_log.restart()
         for number, source, examples in self._parts():
             if self.owns(number, worker_id, num_workers):
                 yield from self._batches(number, source, examples)
@@ -187,7 +186,7 @@ class PartBatches(torch.utils.data.IterableDataset):
             try:
                 sample = self._sample(example)
             except SkippedSample as skip:
-                self._log_skip(skipped, skip.reason, key, str(skip))
+                self.skip_log.skip(skipped, skip.reason, key, str(skip))
                 continue
             keys.append(key)
             captions.append(sample[0])
@@ -230,10 +229,3 @@ class PartBatches(torch.utils.data.IterableDataset):
             return caption, self.preprocess(data)
         except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
             raise SkippedSample("bad_image", str(error)) from error
-
-    def _log_skip(self, skipped: Counter[str], reason: str, key: str, detail: str) -> None:
-        skipped[reason] += 1
-        self._skips_logged += 1
-        # Name the first few (enough to find a bad file); the counts reach the summary anyway.
-        level = logging.WARNING if self._skips_logged <= MAX_NAMED_SKIPS else logging.DEBUG
-        logger.log(level, "rank %d: skipped sample %s (%s): %s", self.rank, key, reason, detail)
