@@ -12,6 +12,19 @@ from .configuration_hf_clip import HfClipConfig
 from .modeling_hf_clip import HfClipModel
 from .synthetic import random_captions
 
+# Prepended to a subprocess script: makes torchvision unfindable there, as on a machine without it.
+HIDE_TORCHVISION = """
+import importlib.machinery, sys
+
+class HideTorchvision(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split(".")[0] == "torchvision":
+            return None
+        return super().find_spec(name, path, target)
+
+sys.meta_path = [HideTorchvision if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+"""
 TINY_BOS_TOKEN_ID, TINY_EOS_TOKEN_ID, TINY_CONTEXT_LENGTH, TINY_IMAGE_SIZE = 97, 98, 16, 32
 TINY_TEXT = {
     "vocab_size": 99,

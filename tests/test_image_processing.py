@@ -16,6 +16,7 @@ from PIL import ExifTags
 from transformers import AutoImageProcessor, CLIPImageProcessorPil
 
 from hf_clip import HfClipImageProcessor
+from hf_clip.testing_utils import HIDE_TORCHVISION
 
 CROP = 224
 
@@ -226,18 +227,9 @@ def test_runs_without_torchvision(processor, tmp_path):
     image.save(tmp_path / "image.png")
     processor.save_pretrained(tmp_path / "saved")
     torch.save(pixels(processor, image), tmp_path / "expected.pt")
-    script = textwrap.dedent(
+    script = HIDE_TORCHVISION + textwrap.dedent(
         """
-        import importlib.machinery, sys
-
-        class HideTorchvision(importlib.machinery.PathFinder):
-            @classmethod
-            def find_spec(cls, name, path=None, target=None):
-                if name.split(".")[0] == "torchvision":
-                    return None
-                return super().find_spec(name, path, target)
-
-        sys.meta_path = [HideTorchvision if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+        import sys
         import torch
         from transformers import AutoImageProcessor
         from transformers.utils import is_torchvision_available

@@ -21,6 +21,7 @@ from hf_clip.data.device_decoding import DeviceImagePreprocessor
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
 from hf_clip.data.streams import ClipBatches, DataSpec, DeviceJpegs, load_stream, random_crop
 from hf_clip.synthetic import jpeg_bytes, photo_like
+from hf_clip.testing_utils import HIDE_TORCHVISION
 from hf_clip.training import TrainConfig
 from hf_clip.training.batches import device_images
 from hf_clip.training.loop import train_batches
@@ -233,19 +234,10 @@ def test_clear_errors_for_a_wrong_setting_or_a_missing_decoder(device_records):
 def test_cpu_decoding_needs_no_torchvision(spec, tmp_path):
     """In a process where torchvision cannot be found, the default training input runs and never imports device
     decoding; `image_decoding="device"` fails at set-up with an error naming torchvision."""
-    script = textwrap.dedent(
+    script = HIDE_TORCHVISION + textwrap.dedent(
         """
-        import importlib.machinery, sys
+        import sys
         from types import SimpleNamespace
-
-        class HideTorchvision(importlib.machinery.PathFinder):
-            @classmethod
-            def find_spec(cls, name, path=None, target=None):
-                if name.split(".")[0] == "torchvision":
-                    return None
-                return super().find_spec(name, path, target)
-
-        sys.meta_path = [HideTorchvision if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
         import torch
         from hf_clip import HfClipImageProcessor, train_clip_bpe
         from hf_clip.training import TrainConfig

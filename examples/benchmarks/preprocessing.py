@@ -56,6 +56,20 @@ RATIOS = {
 HOST_IMPLEMENTATIONS = {"eval": (TORCHVISION_BACKEND, FAST), "train": (TRAIN_BEFORE, TRAIN_AFTER)}
 
 
+def decode_only(data: bytes) -> PIL.Image.Image:
+    image = PIL.Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def floors(fast: FastClipImagePreprocessor) -> dict[str, Callable[[bytes], object]]:
+    """Floors of any bit-exact path: full-resolution decode, then decode + the one PIL bicubic resize."""
+    return {
+        "floor: PIL decode": decode_only,
+        "floor: PIL decode + resize": lambda data: fast.resized(decode_only(data)),
+    }
+
+
 def implementations(transform: str = "eval") -> dict[str, Callable[[bytes], object]]:
     """bytes → (1, 3, 224, 224) float32, each the way its library is used in a data-loader transform; plus floors."""
     if transform == "train":
@@ -67,15 +81,8 @@ def implementations(transform: str = "eval") -> dict[str, Callable[[bytes], obje
     def with_processor(processor) -> Callable[[bytes], torch.Tensor]:
         return lambda data: processor(PIL.Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"]
 
-    def decode_only(data: bytes) -> PIL.Image.Image:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-        return image
-
     return {
-        # Floors of any bit-exact path: full-resolution decode, then decode + the one PIL bicubic resize.
-        "floor: PIL decode": decode_only,
-        "floor: PIL decode + resize": lambda data: fast.resized(decode_only(data)),
+        **floors(fast),
         TORCHVISION_BACKEND: with_processor(torchvision_backend),
         PIL_BACKEND: with_processor(pil_backend),
         "hf_clip HfClipImageProcessor": with_processor(hf_clip),
@@ -95,14 +102,8 @@ def training_implementations() -> dict[str, Callable[[bytes], object]]:
     def generator() -> torch.Generator:
         return torch.Generator().manual_seed(sample_seed(0, 0, 0, 0, next(position)))
 
-    def decode_only(data: bytes) -> PIL.Image.Image:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()
-        return image
-
     return {
-        "floor: PIL decode": decode_only,
-        "floor: PIL decode + resize": lambda data: fast.resized(decode_only(data)),
+        **floors(fast),
         TRAIN_BEFORE: lambda data: random_crop(processor, load_image_bytes(data), generator()),
         TRAIN_AFTER: lambda data: random_crop(fast, load_image_bytes(data), generator()),
         TRAIN_DEVICE_CHECK: lambda data: device_jpegs(data, "image", generator()),
