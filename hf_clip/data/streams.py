@@ -48,13 +48,16 @@ MAX_NAMED_SKIPS = 20  # per worker and pass; later skips are logged at DEBUG lev
 
 @dataclass
 class DataSpec:
-    """Where a split lives and which columns hold what."""
+    """Where a split lives and which columns hold what; a training source also has a name (in logs and metrics)
+    and a sampling weight (relative to the other sources')."""
 
     data_format: str
     data_files: list[str]
     image_column: str
     text_column: str | None = None
     label_column: str | None = None
+    name: str = "train"
+    weight: float = 1.0
 
 
 def load_stream(spec: DataSpec) -> datasets.IterableDataset:
