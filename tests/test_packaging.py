@@ -40,6 +40,7 @@ def test_wheel_holds_every_package_module_and_data_file_and_nothing_else(wheel):
         "hf-clip-index = hf_clip.embedding.index:main",
         "hf-clip-search = hf_clip.embedding.search:main",
         "hf-clip-export-onnx = hf_clip.onnx.export:main",
+        "hf-clip-wise-ft = hf_clip.wise_ft:main",
     ):
         assert script in scripts
 
