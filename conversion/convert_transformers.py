@@ -54,9 +54,21 @@ def convert_transformers_state_dict(state_dict: StateDict, config: HfClipConfig)
     return {key: value for key, value in state_dict.items() if key not in POSITION_ID_BUFFERS}
 
 
+def transformers_export_config(config: HfClipConfig) -> CLIPConfig:
+    """The `CLIPConfig` an hf_clip model exports to. Raises `ValueError` for what a stock `CLIPModel` cannot hold: a
+    ResNet image tower, or a SigLIP model's logit bias."""
+    if config.logit_bias_init_value is not None:
+        raise ValueError(
+            "this model has a logit_bias (a SigLIP model, trained with the sigmoid loss), which transformers' "
+            "CLIPModel does not have; transformers' SiglipModel is a different architecture. Publish it in hf_clip "
+            "format (optionally with remote code) instead."
+        )
+    return transformers_clip_config(config)
+
+
 def convert_hf_clip_state_dict_to_transformers(state_dict: StateDict, config: HfClipConfig) -> StateDict:
     """hf_clip ViT state dict → transformers `CLIPModel`: the same names, so the same dict (copied)."""
-    transformers_clip_config(config)  # raises for a ResNet
+    transformers_export_config(config)  # raises for a ResNet or a logit bias
     return dict(state_dict)
 
 
@@ -74,7 +86,7 @@ def from_transformers(model: CLIPModel) -> tuple[HfClipModel, dict[str, float]]:
 
 def to_transformers(model: HfClipModel) -> tuple[CLIPModel, dict[str, float]]:
     """A stock transformers `CLIPModel` with `model`'s weights, checked to give its outputs on random inputs."""
-    exported = CLIPModel(transformers_clip_config(model.config)).eval()
+    exported = CLIPModel(transformers_export_config(model.config)).eval()
     load_strict(exported, convert_hf_clip_state_dict_to_transformers(model.state_dict(), model.config), "CLIPModel")
     inputs = parity_inputs(model.config)
     differences = assert_parity(

@@ -14,7 +14,7 @@ from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionC
 from .data.fast_preprocessing import FastClipImagePreprocessor
 from .data.text_batching import trim_to_longest
 from .image_processing_hf_clip import HfClipImageProcessor
-from .loss import ClipLoss, clip_loss, contrastive_loss
+from .loss import ClipLoss, SigLipLoss, clip_loss, contrastive_loss, sigmoid_loss
 from .modeling_hf_clip import (
     HfClipModel,
     HfClipOutput,
@@ -47,11 +47,13 @@ __all__ = [
     "HfClipVisionConfig",
     "HfClipVisionModel",
     "HfClipVisionModelWithProjection",
+    "SigLipLoss",
     "ZeroShotClassifier",
     "ZeroShotEnsembleImageClassificationPipeline",
     "build_class_embeddings",
     "clip_loss",
     "contrastive_loss",
+    "sigmoid_loss",
     "train_clip_bpe",
     "trim_to_longest",
 ]

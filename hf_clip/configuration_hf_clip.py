@@ -80,7 +80,8 @@ class HfClipVisionConfig(HfClipTowerConfig):
 
     ResNet fields: `layers` (bottleneck blocks per stage, four stages), `width` (stem width; stage i has
     `width * 2**i` channels, the final feature map `width * 32`), and `num_attention_heads` (heads of the attention
-    pool, `width * 32 / 64` in every published model). ViT fields follow transformers' `CLIPVisionConfig`.
+    pool, `width * 32 / 64` in every published model). ViT fields follow transformers' `CLIPVisionConfig`, plus
+    `patch_dropout`, a training option (FLIP) that leaves the weights and the eval-mode model unchanged.
     """
 
     model_type = "hf_clip_vision_model"
@@ -95,10 +96,18 @@ class HfClipVisionConfig(HfClipTowerConfig):
     patch_size: int = 32
     layers: list[int] | None = None
     width: int = 64
+    # FLIP (Li et al. 2023): the fraction of a ViT's patch tokens dropped per image in training (0: none).
+    patch_dropout: float = 0.0
 
     def validate_architecture(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"vision backbone must be one of {BACKBONES}, got {self.backbone!r}.")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(
+                f"patch_dropout is the fraction of patches dropped: 0 <= p < 1, got {self.patch_dropout}."
+            )
+        if self.patch_dropout > 0 and self.backbone != "vit":
+            raise ValueError(f"patch_dropout drops ViT patch tokens; a {self.backbone!r} image tower has none.")
         if self.backbone == "vit":
             if self.layers is not None:
                 raise ValueError("`layers` is a ResNet field; a ViT is sized by num_hidden_layers.")
@@ -123,7 +132,11 @@ class HfClipVisionConfig(HfClipTowerConfig):
 
 @strict
 class HfClipConfig(PreTrainedConfig):
-    """Joint CLIP configuration: a text config, a vision config and the shared embedding size."""
+    """Joint CLIP configuration: a text config, a vision config and the shared embedding size.
+
+    `logit_bias_init_value` makes a SigLIP model (Zhai et al. 2023): a learned logit bias added to the scaled
+    similarities, and the sigmoid loss instead of the softmax one. `None` (CLIP) leaves the model without the bias.
+    """
 
     model_type = "hf_clip"
     sub_configs = {"text_config": HfClipTextConfig, "vision_config": HfClipVisionConfig}
@@ -133,6 +146,8 @@ class HfClipConfig(PreTrainedConfig):
     projection_dim: int = 512
     # ln(1 / 0.07): the paper's initial temperature.
     logit_scale_init_value: float = math.log(1 / 0.07)
+    # Set, the model has a learned logit bias and trains with the sigmoid loss (SigLIP: scale ln 10, bias -10).
+    logit_bias_init_value: float | None = None
     initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs) -> None:

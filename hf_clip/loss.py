@@ -1,7 +1,7 @@
-"""CLIP's symmetric contrastive loss.
+"""CLIP's symmetric contrastive loss and SigLIP's sigmoid loss.
 
-Pure functions over a logits matrix, and `ClipLoss`, the training loss that gathers features from every rank with
-gradients so that N processes train exactly as one process on the global batch.
+Pure functions over a logits matrix, and `ClipLoss` / `SigLipLoss`, the training losses that gather features from
+every rank with gradients so that N processes train exactly as one process on the global batch.
 """
 
 import torch
@@ -24,6 +24,21 @@ def clip_loss(logits_per_text: torch.Tensor) -> torch.Tensor:
     if logits_per_text.shape[0] < 2:
         raise ValueError("the contrastive loss needs a batch of at least 2 pairs (with 1 there are no negatives).")
     return (contrastive_loss(logits_per_text) + contrastive_loss(logits_per_text.t())) / 2
+
+
+def sigmoid_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """SigLIP's loss (Zhai et al. 2023): -(1/rows) Σ_ij log σ(z_ij · logits_ij), z_ij = +1 where column j is row i's
+    match (the diagonal unless `labels` gives each row's matching column), -1 elsewhere.
+
+    `logits` already hold scale · similarity + bias. Every pair is an independent binary decision, so the loss is the
+    same whether rows are texts or images; it is normalised by the number of rows (the paper's, and open_clip's).
+    """
+    if labels is None:
+        labels = torch.arange(logits.shape[0], device=logits.device)
+    # A comparison, not one_hot: one_hot checks its labels' range on the host.
+    matched = labels[:, None] == torch.arange(logits.shape[1], device=logits.device)
+    signs = 2 * matched.to(logits.dtype) - 1
+    return -nn.functional.logsigmoid(signs * logits).sum() / logits.shape[0]
 
 
 # An all-gather whose backward reduce-scatters the gradients; torch 2.14 renamed `all_gather_tensor_autograd`.
@@ -56,7 +71,53 @@ def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
-class ClipLoss(nn.Module):
+class GlobalBatchLoss(nn.Module):
+    """What the losses over the global batch of all ranks share: the input check, the fp32 cast and the check that
+    every rank passes the same local batch size (`ClipLoss` states the contract)."""
+
+    def __init__(self):
+        super().__init__()
+        self.checked_local_batch: int | None = None
+
+    def local_inputs(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """`(image_embeds, text_embeds, rank, world_size)`, the embeddings in fp32, after checking their shapes and
+        (across ranks) their batch size."""
+        if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
+            raise ValueError(
+                f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be "
+                "matching (local batch, dim) matrices."
+            )
+        rank, world_size = _distributed_world()
+        if world_size > 1:
+            self.check_equal_batches(image_embeds.shape[0], world_size, image_embeds.device)
+        # Under mixed precision the embeddings arrive in bf16/fp16; the logits and the loss need fp32 (as autocast
+        # gives open_clip's loss). Batch × dim tensors: the cast is cheap.
+        return image_embeds.float(), text_embeds.float(), rank, world_size
+
+    def check_equal_batches(self, local_batch: int, world_size: int, device: torch.device) -> None:
+        """A clear error instead of a hang or silently wrong labels when the ranks' local batches differ."""
+        name = type(self).__name__
+        if self.checked_local_batch is None:
+            # One tiny collective, on the first call only: its read-back would stall every step.
+            sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
+            dist.all_gather(sizes, torch.tensor([local_batch], device=device))
+            sizes_list = [int(size) for size in sizes]
+            if len(set(sizes_list)) != 1:
+                raise ValueError(
+                    f"{name} needs the same local batch size on every rank, got {sizes_list} (use drop_last)."
+                )
+            self.checked_local_batch = local_batch
+        elif local_batch != self.checked_local_batch:
+            # Checked locally: a collective now would pair with the other ranks' feature all-gather.
+            raise ValueError(
+                f"{name} needs the same local batch size on every rank and every call: the ranks were compared at "
+                f"{self.checked_local_batch}, this call has {local_batch} (use drop_last)."
+            )
+
+
+class ClipLoss(GlobalBatchLoss):
     """Symmetric contrastive loss over the global batch of all ranks.
 
     Only `torch.distributed` is used (no process group: the plain single-process loss), so it runs unchanged under
@@ -83,7 +144,6 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.checked_local_batch: int | None = None
 
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
@@ -93,18 +153,8 @@ class ClipLoss(nn.Module):
         `logit_scale` is the multiplier itself, `exp(clamped logit_scale parameter)` (as `HfClipModel` computes it in
         `scaled_logits`), not the raw log-scale parameter.
         """
-        if image_embeds.shape != text_embeds.shape or image_embeds.ndim != 2:
-            raise ValueError(
-                f"image_embeds {tuple(image_embeds.shape)} and text_embeds {tuple(text_embeds.shape)} must be "
-                "matching (local batch, dim) matrices."
-            )
-        # Under mixed precision the embeddings arrive in bf16/fp16; the logits and cross-entropy need fp32 (as
-        # autocast gives open_clip's loss). Batch × dim tensors: the cast is cheap.
-        image_embeds, text_embeds = image_embeds.float(), text_embeds.float()
-        rank, world_size = _distributed_world()
+        image_embeds, text_embeds, rank, world_size = self.local_inputs(image_embeds, text_embeds)
         local_batch = image_embeds.shape[0]
-        if world_size > 1:
-            self.check_equal_batches(local_batch, world_size, image_embeds.device)
         if local_batch * world_size < 2:
             raise ValueError("the contrastive loss needs a global batch of at least 2 pairs (1 has no negatives).")
 
@@ -117,21 +167,31 @@ class ClipLoss(nn.Module):
         logits_per_image = logit_scale * image_embeds @ all_text.t()
         return (contrastive_loss(logits_per_text, labels) + contrastive_loss(logits_per_image, labels)) / 2
 
-    def check_equal_batches(self, local_batch: int, world_size: int, device: torch.device) -> None:
-        """A clear error instead of a hang or silently wrong labels when the ranks' local batches differ."""
-        if self.checked_local_batch is None:
-            # One tiny collective, on the first call only: its read-back would stall every step.
-            sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
-            dist.all_gather(sizes, torch.tensor([local_batch], device=device))
-            sizes_list = [int(size) for size in sizes]
-            if len(set(sizes_list)) != 1:
-                raise ValueError(
-                    f"ClipLoss needs the same local batch size on every rank, got {sizes_list} (use drop_last)."
-                )
-            self.checked_local_batch = local_batch
-        elif local_batch != self.checked_local_batch:
-            # Checked locally: a collective now would pair with the other ranks' feature all-gather.
-            raise ValueError(
-                f"ClipLoss needs the same local batch size on every rank and every call: the ranks were compared at "
-                f"{self.checked_local_batch}, this call has {local_batch} (use drop_last)."
-            )
+
+class SigLipLoss(GlobalBatchLoss):
+    """SigLIP's sigmoid loss over the global batch of all ranks.
+
+    Each rank scores its own images against the texts of every rank, gathered with an autograd all-gather
+    (`gather_features`), with each image's matching text at `rank * local_batch` + its row. Scaling and batch sizes
+    follow `ClipLoss`'s contract: the mean over ranks of the returned losses is the global-batch loss, the mean over
+    ranks of the gradients (what DDP and `accelerator.backward` do) the global-batch gradient; every rank passes the
+    same local batch size.
+    """
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor | float,
+        logit_bias: torch.Tensor | float,
+    ) -> torch.Tensor:
+        """Loss of L2-normalised `image_embeds` and `text_embeds` (local batch × dim, row i of each a pair).
+
+        `logit_scale` is the multiplier `exp(clamped logit_scale parameter)`, `logit_bias` the bias itself (as
+        `HfClipModel` holds it).
+        """
+        image_embeds, text_embeds, rank, _ = self.local_inputs(image_embeds, text_embeds)
+        local_batch = image_embeds.shape[0]
+        all_text = gather_features(text_embeds, with_grad=True)
+        labels = torch.arange(local_batch, device=image_embeds.device) + rank * local_batch
+        return sigmoid_loss(logit_scale * image_embeds @ all_text.t() + logit_bias, labels)

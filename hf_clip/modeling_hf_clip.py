@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_hf_clip import HfClipConfig, HfClipTextConfig, HfClipVisionConfig
-from .loss import clip_loss
+from .loss import clip_loss, sigmoid_loss
 from .modeling_layers import (
     HfClipPreTrainedModel,
     HfClipTextPreTrainedModel,
@@ -89,7 +89,11 @@ def embeds_output(output_class: type[EmbedsOutput], features: BaseModelOutputWit
 
 
 class HfClipModel(HfClipPreTrainedModel):
-    """CLIP: an image tower and a text tower projected into one embedding space, compared by scaled cosine."""
+    """CLIP: an image tower and a text tower projected into one embedding space, compared by scaled cosine.
+
+    With `config.logit_bias_init_value` set it is a SigLIP model: a learned `logit_bias` is added to the logits and
+    `return_loss=True` gives the sigmoid loss. Without it there is no `logit_bias` (None, and no state-dict key).
+    """
 
     config: HfClipConfig
     config_class = HfClipConfig
@@ -106,6 +110,8 @@ class HfClipModel(HfClipPreTrainedModel):
         self.visual_projection = build_visual_projection(vision_config, config.projection_dim)
         self.text_projection = nn.Linear(text_config.hidden_size, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        bias = config.logit_bias_init_value
+        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(bias))
         self.post_init()
 
     def get_text_features(
@@ -145,9 +151,13 @@ class HfClipModel(HfClipPreTrainedModel):
         return recorder.pack(projected(features, self.visual_projection))
 
     def scaled_logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """logits_per_text from L2-normalised embeddings: exp(clamped logit_scale) · text @ imageᵀ."""
+        """logits_per_text from L2-normalised embeddings: exp(clamped logit_scale) · text @ imageᵀ (+ logit_bias for
+        a SigLIP model, as transformers' `SiglipModel`)."""
         logit_scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        return logit_scale * text_embeds @ image_embeds.t()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        if self.logit_bias is None:
+            return logits_per_text
+        return logits_per_text + self.logit_bias
 
     def forward(
         self,
@@ -176,9 +186,12 @@ class HfClipModel(HfClipPreTrainedModel):
         image_embeds = nn.functional.normalize(vision_outputs["pooler_output"], dim=-1)
         text_embeds = nn.functional.normalize(text_outputs["pooler_output"], dim=-1)
         logits_per_text = self.scaled_logits(text_embeds, image_embeds)
+        loss = None
+        if return_loss:
+            loss = clip_loss(logits_per_text) if self.logit_bias is None else sigmoid_loss(logits_per_text)
         return recorder.pack(
             HfClipOutput(
-                loss=clip_loss(logits_per_text) if return_loss else None,
+                loss=loss,
                 logits_per_image=logits_per_text.t(),
                 logits_per_text=logits_per_text,
                 text_embeds=text_embeds,

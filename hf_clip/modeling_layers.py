@@ -411,8 +411,10 @@ class HfClipPreTrainedModel(PreTrainedModel):
         elif isinstance(module, HfClipEmbeddings):
             module.init_openai(factor)
         elif isinstance(module, HfClipPreTrainedModel) and isinstance(module.config, HfClipConfig):
-            # The joint model's own tensor: the temperature.
+            # The joint model's own tensors: the temperature, and a SigLIP model's logit bias.
             init.constant_(module.get_parameter("logit_scale"), module.config.logit_scale_init_value)
+            if module.config.logit_bias_init_value is not None:
+                init.constant_(module.get_parameter("logit_bias"), module.config.logit_bias_init_value)
 
 
 class HfClipTextPreTrainedModel(HfClipPreTrainedModel):

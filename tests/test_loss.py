@@ -1,49 +1,21 @@
 """ClipLoss: N gloo processes give exactly the single-process loss and gradients on the concatenated batch."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from distributed_harness import (
+    EMBED_DIM,
+    LOCAL_BATCH,
+    ddp_loss_and_gradients,
+    global_batch,
+    gradients,
+    local_rows,
+    make_model,
+    run_gloo,
+)
 from torch import nn
 
 from hf_clip import ClipLoss, clip_loss
-
-LOCAL_BATCH = 3
-IN_DIM = 8
-EMBED_DIM = 6
-
-
-class TinyTowers(nn.Module):
-    """Two projections and a learnable log-scale: enough to check every gradient path of the loss."""
-
-    def __init__(self):
-        super().__init__()
-        self.image = nn.Linear(IN_DIM, EMBED_DIM)
-        self.text = nn.Linear(IN_DIM, EMBED_DIM)
-        self.logit_scale = nn.Parameter(torch.tensor(2.0))
-
-    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        image_embeds = nn.functional.normalize(self.image(images), dim=-1)
-        text_embeds = nn.functional.normalize(self.text(texts), dim=-1)
-        return image_embeds, text_embeds, self.logit_scale.exp()
-
-
-def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    shape = (world_size * LOCAL_BATCH, IN_DIM)
-    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-
-
-def make_model() -> TinyTowers:
-    torch.manual_seed(1)
-    return TinyTowers()
-
-
-def gradients(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: param.grad.detach().clone() for name, param in model.named_parameters()}
 
 
 def single_process_reference(world_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -62,29 +34,19 @@ VARIANTS = {
 }
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+def _worker(rank: int, world_size: int) -> dict:
+    results: dict = {
+        name: ddp_loss_and_gradients(ClipLoss(**kwargs), rank, world_size) for name, kwargs in VARIANTS.items()
+    }
+    images, texts = global_batch(world_size)
+    model = make_model()
     try:
-        images, texts = global_batch(world_size)
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for name, kwargs in VARIANTS.items():
-            # DDP averages gradients over ranks, exactly as accelerate's prepared model does.
-            model = nn.parallel.DistributedDataParallel(make_model())
-            loss = ClipLoss(**kwargs)(*model(images[rows], texts[rows]))
-            loss.backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss)
-            results[name] = (mean_loss / world_size, gradients(model.module))
-        try:
-            ClipLoss()(*model(images[: LOCAL_BATCH + rank], texts[: LOCAL_BATCH + rank]))
-        except ValueError as error:
-            results["uneven_error"] = str(error)
-        results.update(_batch_size_checks(images[rows], texts[rows]))
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+        ClipLoss()(*model(images[: LOCAL_BATCH + rank], texts[: LOCAL_BATCH + rank]))
+    except ValueError as error:
+        results["uneven_error"] = str(error)
+    rows = local_rows(rank)
+    results.update(_batch_size_checks(images[rows], texts[rows]))
+    return results
 
 
 def _batch_size_checks(images: torch.Tensor, texts: torch.Tensor) -> dict:
@@ -111,18 +73,10 @@ def _batch_size_checks(images: torch.Tensor, texts: torch.Tensor) -> dict:
     return results
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}procs")
 def distributed_results(request, tmp_path_factory) -> tuple[int, list[dict]]:
     world_size = request.param
-    out_dir = tmp_path_factory.mktemp(f"clip_loss_{world_size}")
-    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
-    return world_size, [torch.load(out_dir / f"rank{rank}.pt") for rank in range(world_size)]
+    return world_size, run_gloo(_worker, world_size, tmp_path_factory.mktemp(f"clip_loss_{world_size}"))
 
 
 @pytest.mark.parametrize("variant", ["local", "global"])
