@@ -1,4 +1,5 @@
-"""The ViT image tower: patch embedding, class token, learned positions, pre/post LayerNorm, class-token pooling."""
+"""The ViT image tower: patch embedding, class token, learned positions, pre/post LayerNorm, class-token pooling, and
+FLIP's patch dropout in training."""
 
 import torch
 from torch import nn
@@ -55,6 +56,23 @@ class HfClipVisionEmbeddings(HfClipEmbeddings):
         return embeddings + self.interpolated_positions(height, width)
 
 
+def keep_random_patches(embeddings: torch.Tensor, drop_fraction: float) -> torch.Tensor:
+    """The class token (token 0) and a random `max(1, int(num_patches * (1 - drop_fraction)))` of the patch tokens
+    of each image, drawn independently per image (FLIP, Li et al. 2023; open_clip's `PatchDropout`).
+
+    The kept count comes from the shape, a Python int, and the draw stays on the device: no host read, one static
+    shape under torch.compile. The kept tokens come in random order, which a ViT does not see (their positions are
+    already added and attention is order-free).
+    """
+    batch_size, num_tokens, width = embeddings.shape
+    num_patches = num_tokens - 1
+    num_kept = max(1, int(num_patches * (1 - drop_fraction)))
+    kept = torch.rand(batch_size, num_patches, device=embeddings.device).topk(num_kept, dim=-1).indices + 1
+    class_index = torch.zeros(batch_size, 1, dtype=kept.dtype, device=kept.device)
+    index = torch.cat([class_index, kept], dim=1)
+    return embeddings.gather(1, index[..., None].expand(-1, -1, width))
+
+
 class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
     """ViT image tower; `pooler_output` is the post-LayerNorm class token (before the projection)."""
 
@@ -72,6 +90,10 @@ class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
     def encode_images(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
     ) -> BaseModelOutputWithPooling:
-        hidden_states = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
+        if self.training and self.config.patch_dropout > 0:
+            # After the positions are added, before the LayerNorm (open_clip's order).
+            embeddings = keep_random_patches(embeddings, self.config.patch_dropout)
+        hidden_states = self.pre_layrnorm(embeddings)
         last_hidden_state = self.encoder(hidden_states, None, recorder)
         return recorder.tower_output(last_hidden_state, self.post_layernorm(last_hidden_state[:, 0]))
