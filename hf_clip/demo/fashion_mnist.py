@@ -14,6 +14,9 @@
 
 Training runs with one compute thread and one data-loading worker: on a 2-core machine that keeps both cores
 busy (decoding and augmenting the next batch while the model trains on the current one) without oversubscribing.
+
+Arguments after `--` are appended to the training command, after the demo's own, so they override the run config:
+`python examples/demo.py --output-dir demo_output -- --max_steps 100 --warmup_steps 10`.
 """
 
 import argparse
@@ -142,13 +145,26 @@ def plot(metrics: list[dict], images: np.ndarray, labels: np.ndarray, prediction
     figure.savefig(path, dpi=100)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def split_training_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`(demo arguments, training arguments)`: the training command gets everything after the first `--`."""
+    if "--" not in argv:
+        return argv, []
+    split = argv.index("--")
+    return argv[:split], argv[split + 1 :]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        usage="%(prog)s [options] [-- training arguments]",
+        epilog="Arguments after `--` are appended to the training command (`python -m hf_clip.training`).",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("demo_output"))
     parser.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
     parser.add_argument("--train-config", type=Path, default=DEFAULT_TRAIN_CONFIG)
     parser.add_argument("--max-steps", type=int, default=None, help="Override the config's max_steps.")
-    args = parser.parse_args()
+    demo_argv, training_argv = split_training_arguments(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(demo_argv)
     output_dir = args.output_dir.resolve()
     if (output_dir / "run").exists():
         raise FileExistsError(f"{output_dir / 'run'} exists: remove it or pick another --output-dir.")
@@ -174,7 +190,8 @@ def main() -> None:
     command += ["--class_names", *CLASS_NAMES, "--templates", *TEMPLATES]
     if args.max_steps is not None:
         command += ["--max_steps", str(args.max_steps)]
-    print("training:", " ".join(command[:4]), "...")
+    command += training_argv
+    print("training:", " ".join(command[:4]), "...", " ".join(training_argv))
     train_started, cpu_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(command, check=True, env=dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false"))
     train_wall = time.perf_counter() - train_started
