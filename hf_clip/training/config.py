@@ -3,18 +3,30 @@ model, tokenizer and processor it names."""
 
 import glob
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType
 from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
 from transformers.hf_argparser import DataClassType
 
 from ..configuration_hf_clip import HfClipConfig
+from ..data.streams import DataSpec
 from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
+
+LOSSES = ("softmax", "sigmoid")
+LR_SCHEDULERS = ("cosine", "constant", "wsd")
+TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
+SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
+# SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
+SIGLIP_LOGIT_SCALE_INIT = math.log(10)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 @dataclass
@@ -32,11 +44,19 @@ class TrainConfig:
         default=None,
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
     )
-    # Data.
+    # Data: one source (the fields below) or several mixed by weight (`train_sources`).
     train_data_format: str = field(default="webdataset", metadata={"help": "webdataset | parquet | imagefolder"})
     train_data_files: list[str] = field(default_factory=list, metadata={"help": "Files or glob patterns."})
     image_column: str = field(default="jpg", metadata={"help": "Image column (webdataset: the image extension)."})
     text_column: str = field(default="txt", metadata={"help": "Caption column."})
+    train_sources: str | None = field(
+        default=None,
+        metadata={
+            "help": "Several training sources sampled by weight, as a JSON list (in a JSON run config, the list "
+            'itself): [{"name": "icons", "data_format": "webdataset", "data_files": ["icons/*.tar"], '
+            '"image_column": "png", "text_column": "txt", "weight": 3}, ...]; replaces the train_data_* fields.'
+        },
+    )
     shuffle_buffer: int = 1000
     dataloader_num_workers: int = 0
     image_decoding: str = field(
@@ -63,12 +83,54 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     accumulation_mode: str = field(default="cached", metadata={"help": "cached (full-batch negatives) | plain"})
     max_steps: int = 1000
+    loss: str = field(
+        default="softmax",
+        metadata={
+            "help": "softmax: CLIP's contrastive loss | sigmoid: SigLIP's pairwise loss, with a learnable bias (init "
+            "-10; a new model's temperature starts at ln 10) stored in the model."
+        },
+    )
     learning_rate: float = 5e-4
     weight_decay: float = 0.2
     adam_beta1: float = 0.9
     adam_beta2: float | None = field(default=None, metadata={"help": "Default: 0.98 (ViT) / 0.999 (ResNet)."})
     adam_epsilon: float | None = field(default=None, metadata={"help": "Default: 1e-6 (ViT) / 1e-8 (ResNet)."})
     warmup_steps: int = 100
+    lr_scheduler: str = field(
+        default="cosine",
+        metadata={
+            "help": "cosine (to 0 at max_steps) | constant | wsd (warmup, stable, then a cosine decay over the last "
+            "lr_decay_steps): after warmup, constant and wsd's stable phase do not depend on the run's length."
+        },
+    )
+    lr_decay_steps: int | None = field(default=None, metadata={"help": "wsd: length of the decay. Default: 10 %."})
+    # Fine-tuning: locked towers (LiT), layer-wise learning-rate decay, patch dropout (FLIP).
+    lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (see the unlocked groups)."})
+    lock_image_unlocked_groups: int = field(
+        default=0,
+        metadata={
+            "help": "Top layer groups of a locked image tower left trainable (ViT: embeddings, blocks, head; ResNet: "
+            "stem, stages, attention pool). Frozen ResNet stages keep their BatchNorm statistics."
+        },
+    )
+    lock_text: bool = field(default=False, metadata={"help": "Freeze the text tower (see the unlocked groups)."})
+    lock_text_unlocked_groups: int = field(
+        default=0,
+        metadata={"help": "Top layer groups of a locked text tower left trainable (embeddings, blocks, head)."},
+    )
+    lock_logit_scale: bool = field(default=False, metadata={"help": "Freeze the temperature (and a SigLIP bias)."})
+    layer_decay_image: float = field(
+        default=1.0,
+        metadata={
+            "help": "Layer-wise learning-rate decay of the image tower: group k below the top "
+            "trains at learning_rate * decay**k. 1 disables."
+        },
+    )
+    layer_decay_text: float = field(default=1.0, metadata={"help": "The same for the text tower."})
+    patch_dropout: float | None = field(
+        default=None,
+        metadata={"help": "ViT training: fraction of patch tokens dropped per image. Default: the model config's."},
+    )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables."})
     mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
     gradient_checkpointing: bool = False
@@ -86,6 +148,13 @@ class TrainConfig:
     )
     seed: int = 0
     # Bookkeeping.
+    log_with: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={
+            "help": "accelerate trackers (tensorboard, wandb, mlflow, ...; 'all' for every installed one; 'none' for "
+            "metrics.jsonl only)."
+        },
+    )
     logging_steps: int = 10
     save_steps: int = 0
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
@@ -111,14 +180,99 @@ class TrainConfig:
             raise ValueError("zero-shot evaluation needs class_names (in label order).")
         if not self.templates:
             raise ValueError("templates is empty.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
+        if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
+            raise ValueError(
+                f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "
+                f"({self.max_steps - self.warmup_steps})."
+            )
+        unlocked = {"image": self.lock_image_unlocked_groups, "text": self.lock_text_unlocked_groups}
+        for tower, groups in unlocked.items():
+            if groups < 0:
+                raise ValueError(f"lock_{tower}_unlocked_groups must be >= 0, got {groups}.")
+            if groups > 0 and not getattr(self, f"lock_{tower}"):
+                raise ValueError(f"lock_{tower}_unlocked_groups={groups} has no effect without lock_{tower}=true.")
+        if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}.")
+        unknown_trackers = sorted(set(self.log_with) - set(TRACKERS))
+        if unknown_trackers:
+            raise ValueError(f"log_with has unknown trackers {unknown_trackers}; the known ones: {TRACKERS}.")
+        self.train_specs()  # parses and checks train_sources
+
+    def decay_steps(self) -> int:
+        """The wsd schedule's decay length: `lr_decay_steps`, by default the last 10 % of the run."""
+        return self.lr_decay_steps if self.lr_decay_steps is not None else max(1, self.max_steps // 10)
+
+    def trackers(self) -> list[str]:
+        """accelerate's `log_with`: the named trackers, each checked to be installed ('none' gives none)."""
+        if "none" in self.log_with:
+            if len(self.log_with) > 1:
+                raise ValueError(f"log_with: 'none' excludes the others, got {self.log_with}.")
+            return []
+        if "all" in self.log_with:
+            return ["all"]
+        available = {str(LoggerType(tracker).value) for tracker in get_available_trackers()}
+        missing = [tracker for tracker in self.log_with if tracker not in available]
+        if missing:
+            raise ImportError(
+                f"log_with names trackers that are not installed: {missing} (installed: {sorted(available)})."
+            )
+        return list(self.log_with)
+
+    def train_specs(self) -> list[DataSpec]:
+        """The training sources: the `train_data_*` fields as one source, or the `train_sources` list."""
+        if self.train_sources is None:
+            return [DataSpec(self.train_data_format, self.train_data_files, self.image_column, self.text_column)]
+        try:
+            sources = json.loads(self.train_sources)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"train_sources is not valid JSON ({error}).") from error
+        if not isinstance(sources, list) or not sources or not all(isinstance(source, dict) for source in sources):
+            raise ValueError("train_sources must be a non-empty JSON list of objects, one per source.")
+        specs = []
+        for index, source in enumerate(sources):
+            unknown = sorted(set(source) - SOURCE_FIELDS)
+            missing = sorted({"name", "data_files"} - set(source))
+            if unknown or missing:
+                raise ValueError(
+                    f"train_sources[{index}]: unknown fields {unknown}, missing fields {missing} "
+                    f"(fields: {sorted(SOURCE_FIELDS)})."
+                )
+            specs.append(
+                DataSpec(
+                    source.get("data_format", self.train_data_format),
+                    list(source["data_files"]),
+                    source.get("image_column", self.image_column),
+                    source.get("text_column", self.text_column),
+                    name=source["name"],
+                    weight=float(source.get("weight", 1.0)),
+                )
+            )
+        return specs
+
+    def resolved_train_specs(self) -> list[DataSpec]:
+        """`train_specs` with every source's file patterns expanded (missing files are an error)."""
+        specs = self.train_specs()
+        for spec in specs:
+            spec.data_files = existing_files(spec.data_files, f"train source {spec.name!r}")
+        return specs
 
     def data_files(self, eval: bool = False) -> list[str]:
-        patterns = self.eval_data_files if eval else self.train_data_files
-        files = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
-        missing = [path for path in files if not Path(path).exists()]
-        if not files or missing:
-            raise FileNotFoundError(f"{'eval' if eval else 'train'} data files not found: {missing or patterns}")
-        return files
+        if eval:
+            return existing_files(self.eval_data_files, "eval")
+        return existing_files(self.train_data_files, "train")
+
+
+def existing_files(patterns: list[str], what: str) -> list[str]:
+    """The sorted files matching `patterns` (globs or paths); an error names the ones that do not exist."""
+    files = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
+    missing = [path for path in files if not Path(path).exists()]
+    if not files or missing:
+        raise FileNotFoundError(f"{what} data files not found: {missing or patterns}")
+    return files
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -133,6 +287,8 @@ def parse_config(argv: list[str]) -> TrainConfig:
         unknown = sorted(set(values) - {field.name for field in fields(TrainConfig)})
         if unknown:
             raise ValueError(f"{config_file} has fields TrainConfig does not know: {unknown}")
+        if isinstance(values.get("train_sources"), list):  # the field holds JSON text, as on the command line
+            values["train_sources"] = json.dumps(values["train_sources"])
         model_config = values.get("model_config")
         if isinstance(model_config, str) and model_config.endswith(".json") and not Path(model_config).is_absolute():
             values["model_config"] = str(config_file.parent / model_config)
@@ -154,18 +310,33 @@ def build_tokenizer(config: TrainConfig) -> TokenizersBackend:
 
 
 def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipConfig:
-    """The model's configuration; from scratch, the text vocabulary and special ids come from the tokenizer."""
+    """The model's configuration with the run's loss and patch dropout applied; from scratch, the text vocabulary
+    and special ids come from the tokenizer."""
     if config.model_name_or_path is not None:
-        return HfClipConfig.from_pretrained(config.model_name_or_path)
-    name_or_path = str(config.model_config)
-    if name_or_path.endswith(".json"):
-        values = json.loads(Path(name_or_path).read_text())
+        model_config = HfClipConfig.from_pretrained(config.model_name_or_path)
     else:
-        values = HfClipConfig.from_architecture(name_or_path).to_dict()
-    values["text_config"].update(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    return HfClipConfig.from_dict(values)
+        name_or_path = str(config.model_config)
+        if name_or_path.endswith(".json"):
+            values = json.loads(Path(name_or_path).read_text())
+        else:
+            values = HfClipConfig.from_architecture(name_or_path).to_dict()
+        values["text_config"].update(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
+        )
+        if config.loss == "sigmoid" and values.get("logit_bias_init_value") is None:
+            values.update(logit_scale_init_value=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init_value=SIGLIP_LOGIT_BIAS_INIT)
+        model_config = HfClipConfig.from_dict(values)
+    has_bias = model_config.logit_bias_init_value is not None
+    if config.loss == "softmax" and has_bias:
+        raise ValueError("this model has a SigLIP bias (logit_bias): train it with loss='sigmoid'.")
+    if config.loss == "sigmoid" and not has_bias:
+        # A softmax checkpoint fine-tuned with the sigmoid loss: from_pretrained adds the bias at its initial value.
+        model_config.logit_bias_init_value = SIGLIP_LOGIT_BIAS_INIT
+    if config.patch_dropout is not None:
+        vision_config = model_config.tower_configs()[1]
+        vision_config.patch_dropout = config.patch_dropout
+        vision_config.validate_architecture()
+    return model_config
 
 
 def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) -> HfClipProcessor:
@@ -178,7 +349,8 @@ def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) ->
 
 
 def build_model(config: TrainConfig, model_config: HfClipConfig) -> HfClipModel:
-    """A new model (OpenAI initialisation) or the saved one, in float32 (autocast handles mixed precision)."""
+    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s), in float32
+    (autocast handles mixed precision)."""
     if config.model_name_or_path is not None:
-        return HfClipModel.from_pretrained(config.model_name_or_path, dtype=torch.float32)
+        return HfClipModel.from_pretrained(config.model_name_or_path, config=model_config, dtype=torch.float32)
     return HfClipModel(model_config)

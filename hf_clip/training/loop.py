@@ -31,19 +31,29 @@ from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from ..data.fast_preprocessing import FastClipImagePreprocessor
 from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, DeviceJpegs, labelled_batches, load_stream, random_crop
-from ..loss import ClipLoss
+from ..loss import ClipLoss, SigLipLoss
+from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from .batches import device_batch
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
+from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
 from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
-from .steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, clamp_logit_scale_, plain_loss
+from .steps import (
+    ClipEmbedder,
+    TrainingLoss,
+    base_learning_rate,
+    build_optimizer,
+    build_scheduler,
+    cached_accumulation_backward,
+    clamp_logit_scale_,
+    plain_loss,
+)
 
 if TYPE_CHECKING:  # importing it needs torchvision, which only `image_decoding="device"` requires
     from ..data.device_decoding import DeviceImagePreprocessor
@@ -81,16 +91,26 @@ def train_batches(
     return batches, loader, device_decoder
 
 
+def lock_parameters(config: TrainConfig, model: HfClipModel) -> list[torch.nn.BatchNorm2d]:
+    """Apply the run's locks (towers except their top groups, the temperature); returns the BatchNorm layers whose
+    statistics are frozen with them."""
+    frozen_batchnorms = []
+    if config.lock_image:
+        frozen_batchnorms += lock_tower(model, "image", config.lock_image_unlocked_groups)
+    if config.lock_text:
+        frozen_batchnorms += lock_tower(model, "text", config.lock_text_unlocked_groups)
+    if config.lock_logit_scale:
+        lock_logit_parameters(model)
+    return frozen_batchnorms
+
+
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
-    if not is_tensorboard_available():
-        # Accelerate would only warn and log nothing.
-        raise ImportError("training logs to tensorboard: `pip install tensorboard` (the `train` extra).")
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        log_with="tensorboard",
+        log_with=config.trackers(),  # checked installed: accelerate would only warn and log nothing
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
@@ -111,12 +131,22 @@ def main(argv: list[str] | None = None) -> None:
     if channels_last and model_config.tower_configs()[1].backbone == "resnet":
         # cuDNN's fastest convolutions are NHWC; with NHWC weights PyTorch runs each convolution so (same math).
         model.vision_model.to(memory_format=torch.channels_last)
+    frozen_batchnorms = lock_parameters(config, model)
+    scales = layer_decay_scales(model, config.layer_decay_image, config.layer_decay_text)
     optimizer = build_optimizer(
-        model, config.learning_rate, config.weight_decay, config.adam_beta1, config.adam_beta2, config.adam_epsilon
+        model,
+        config.learning_rate,
+        config.weight_decay,
+        config.adam_beta1,
+        config.adam_beta2,
+        config.adam_epsilon,
+        scales,
     )
-    scheduler = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.max_steps)
-    embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model), optimizer, scheduler)
-    loss_fn = ClipLoss()
+    scheduler = build_scheduler(
+        optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps, config.decay_steps()
+    )
+    embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model, frozen_batchnorms), optimizer, scheduler)
+    loss_fn: TrainingLoss = ClipLoss() if config.loss == "softmax" else SigLipLoss()
     step_loss = plain_loss
     if on_cuda if config.torch_compile is None else config.torch_compile:
         # Forward and loss as one graph (it compiles without graph breaks); backward through AOTAutograd. Cached
@@ -197,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
             skipped = accelerator.reduce(cursor.skipped.to(accelerator.device), "sum")
             record = {
                 "loss": accelerator.reduce(window_loss / window_steps, "mean").item(),
-                "learning_rate": scheduler.get_last_lr()[0],
+                "learning_rate": base_learning_rate(optimizer),
                 "logit_scale": unwrapped.logit_scale.detach().float().exp().item(),
                 "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
                 "train_seconds": train_seconds,

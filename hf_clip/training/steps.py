@@ -18,10 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_wsd_schedule
 
-from ..loss import ClipLoss
+from ..loss import ClipLoss, SigLipLoss
 from ..modeling_hf_clip import LOGIT_SCALE_MAX, HfClipModel
+from .finetuning import ParameterScale
 
+# The contrastive losses a run can train with; both take `ClipEmbedder`'s outputs (`loss_fn(*outputs)`).
+TrainingLoss = ClipLoss | SigLipLoss
 # The paper's Adam settings per image-tower family (β2, ε).
 ADAM_SETTINGS = {"vit": (0.98, 1e-6), "resnet": (0.999, 1e-8)}
 
@@ -47,14 +51,23 @@ class ClipEmbedder(nn.Module):
     `tests/test_packed_text.py` and `tests/test_text_batching.py` check both against the padded, masked step.
     """
 
-    def __init__(self, model: HfClipModel):
+    def __init__(self, model: HfClipModel, frozen_batchnorms: Sequence[nn.BatchNorm2d] = ()):
         super().__init__()
         self.model = model
+        # BatchNorm layers of locked ResNet stages (`hf_clip.training.finetuning.lock_tower`): always in eval mode,
+        # so their running statistics stay those of the checkpoint.
+        self.frozen_batchnorms = list(frozen_batchnorms)
         # FSDP's transformer auto-wrap policy reads this from the root module and fails on a name the model lacks
         # (a ViT model has no ResNet bottleneck), so keep the present ones.
         present = {type(module).__name__ for module in model.modules()}
         self._no_split_modules = [name for name in model._no_split_modules or [] if name in present]
         self.packed_text_checked = False
+
+    def train(self, mode: bool = True) -> "ClipEmbedder":
+        super().train(mode)
+        for module in self.frozen_batchnorms:
+            module.eval()
+        return self
 
     def forward(
         self,
@@ -63,7 +76,9 @@ class ClipEmbedder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, ...]:
+        """`(image_embeds, text_embeds, logit_scale)`, and `logit_bias` fourth for a model that has one (SigLIP):
+        the arguments of the run's loss after the embeddings (`loss_fn(*outputs)`)."""
         image_embeds = text_embeds = None
         # Tuple outputs: (last hidden state, pooled projected embedding).
         if pixel_values is not None:
@@ -73,7 +88,9 @@ class ClipEmbedder(nn.Module):
             text_features = self.text_features(input_ids, attention_mask, position_ids, cu_seqlens)
             text_embeds = nn.functional.normalize(text_features, dim=-1)
         logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        return image_embeds, text_embeds, logit_scale
+        if self.model.logit_bias is None:
+            return image_embeds, text_embeds, logit_scale
+        return image_embeds, text_embeds, logit_scale, self.model.logit_bias  # a SigLIP model's
 
     def text_features(
         self,
@@ -96,14 +113,32 @@ class ClipEmbedder(nn.Module):
         return self.model.get_packed_text_features(input_ids, position_ids, cu_seqlens)
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices and embeddings; never gains, biases or `logit_scale` (every parameter with < 2 dims)."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def parameter_groups(
+    model: HfClipModel, weight_decay: float, scales: dict[int, ParameterScale] | None = None
+) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups: per layer group (`scales`, from
+    `hf_clip.training.finetuning.layer_decay_scales`; one group at factor 1 without it), matrices and embeddings
+    with weight decay, gains, biases and the temperature (every parameter with < 2 dims) without. Each group's `lr`
+    is the base rate times its `lr_scale`; frozen parameters (`requires_grad=False`) are left out."""
+    groups: dict[tuple[str, bool], dict[str, Any]] = {}
     for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not param.requires_grad:
+            continue
+        scale = scales[id(param)] if scales is not None else ParameterScale("all", 1.0)
+        decay = param.ndim >= 2
+        group = groups.setdefault(
+            (scale.group, decay),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale.scale,
+                "name": f"{scale.group}/{'decay' if decay else 'no_decay'}",
+            },
+        )
+        group["params"].append(param)
+    if not groups:
+        raise ValueError("every parameter is frozen: unlock a tower, some of its layer groups or the temperature.")
+    return list(groups.values())
 
 
 def build_optimizer(
@@ -113,20 +148,46 @@ def build_optimizer(
     beta1: float = 0.9,
     beta2: float | None = None,
     epsilon: float | None = None,
+    scales: dict[int, ParameterScale] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) with the paper's β2 / ε for the model's image tower unless overridden.
+    """AdamW (decoupled weight decay) over the trainable parameters, with the paper's β2 / ε for the model's image
+    tower unless overridden, and per-group learning rates `learning_rate * lr_scale` (layer-wise decay).
 
     On CUDA the fused kernel updates every parameter in a few launches (the model must be on its device already);
     the update itself is the same AdamW.
     """
     default_beta2, default_epsilon = ADAM_SETTINGS[model.config.tower_configs()[1].backbone]
+    groups = parameter_groups(model, weight_decay, scales)
+    for group in groups:
+        group["lr"] = learning_rate * group["lr_scale"]
     return torch.optim.AdamW(
-        parameter_groups(model, weight_decay),
+        groups,
         lr=learning_rate,
         betas=(beta1, beta2 if beta2 is not None else default_beta2),
         eps=epsilon if epsilon is not None else default_epsilon,
         fused=model.device.type == "cuda",
     )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, max_steps: int, decay_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then `cosine` (to 0 at `max_steps`), `constant`, or `wsd` (warmup–stable–decay: constant
+    until the last `decay_steps`, then a cosine decay to 0). The factor applies to every group's own rate, so
+    layer-wise decay is kept."""
+    if name == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup_steps, max_steps)
+    if name == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup_steps)
+    if name == "wsd":
+        return get_wsd_schedule(optimizer, warmup_steps, decay_steps, num_training_steps=max_steps)
+    raise ValueError(f"unknown lr_scheduler {name!r}: cosine, constant or wsd.")
+
+
+def base_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The scheduled rate before layer-wise scaling (what `learning_rate` names), for logs."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group["lr_scale"]
 
 
 @torch.no_grad()
@@ -141,14 +202,13 @@ def text_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: batch[name] for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
 
 
-def plain_loss(embedder: nn.Module, loss_fn: ClipLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], **text_inputs(batch))
-    return loss_fn(image_embeds, text_embeds, logit_scale)
+def plain_loss(embedder: nn.Module, loss_fn: TrainingLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return loss_fn(*embedder(batch["pixel_values"], **text_inputs(batch)))
 
 
 def cached_accumulation_backward(
     embedder: nn.Module,
-    loss_fn: ClipLoss,
+    loss_fn: TrainingLoss,
     micro_batches: Sequence[dict[str, torch.Tensor]],
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -168,12 +228,13 @@ def cached_accumulation_backward(
         last = index == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with context:
-            image_embeds, text_embeds, logit_scale = embedder(batch["pixel_values"], **text_inputs(batch))
+            image_embeds, text_embeds, *logit_terms = embedder(batch["pixel_values"], **text_inputs(batch))
             images = torch.cat([*cached_images[:index], image_embeds, *cached_images[index + 1 :]])
             texts = torch.cat([*cached_texts[:index], text_embeds, *cached_texts[index + 1 :]])
-            # The temperature's gradient must be counted once, not once per micro-batch: on the last one, whose
-            # backward is the one DDP synchronises (every parameter must take part in it).
-            scale = logit_scale if last else logit_scale.detach()
-            loss = loss_fn(images, texts, scale)
+            # The temperature's (and bias's) gradient must be counted once, not once per micro-batch: on the last
+            # one, whose backward is the one DDP synchronises (every parameter must take part in it).
+            if not last:
+                logit_terms = [term.detach() for term in logit_terms]
+            loss = loss_fn(images, texts, *logit_terms)
             backward(loss)
     return loss.detach()
