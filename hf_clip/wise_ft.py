@@ -23,9 +23,10 @@ from transformers import AutoProcessor, PreTrainedConfig
 
 from .modeling_hf_clip import HfClipModel
 
-# Config fields that record where and how a checkpoint was saved or loaded, not what it computes.
+# Config fields that record where and how a checkpoint was saved or loaded, or how it was trained (patch dropout
+# acts in training mode only), not what it computes.
 BOOKKEEPING_FIELDS = frozenset(
-    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures"}
+    {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures", "patch_dropout"}
 )
 # A folder holds a processor when it has one of these (transformers 5 writes the first, earlier releases the second).
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")

@@ -137,6 +137,15 @@ def test_different_architectures_raise_naming_the_first_difference():
     assert mixed["logit_bias"].item() == -9.0
 
 
+def test_a_checkpoint_fine_tuned_with_patch_dropout_mixes():
+    """Patch dropout acts in training only, so a run that set it still shares the architecture of its start."""
+    torch.manual_seed(0)
+    zero_shot = HfClipModel(tiny_config())
+    fine_tuned = HfClipModel(tiny_config({**TINY_VIT, "patch_dropout": 0.5}))
+    fine_tuned.load_state_dict(zero_shot.state_dict())
+    assert wise_ft(zero_shot, fine_tuned, 0.5).config.vision_config.patch_dropout == 0.5
+
+
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan")])
 def test_alpha_outside_the_unit_interval_raises(checkpoints, alpha):
     with pytest.raises(ValueError, match=r"alpha must lie in \[0, 1\]"):
