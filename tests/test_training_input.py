@@ -19,7 +19,7 @@ from PIL import ExifTags
 from hf_clip import HfClipImageProcessor, HfClipTokenizer, train_clip_bpe
 from hf_clip.data.device_decoding import DeviceImagePreprocessor
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
-from hf_clip.data.streams import ClipBatches, DataSpec, DeviceJpegs, load_stream, random_crop
+from hf_clip.data.streams import ClipBatches, DataSpec, DeviceJpegs, random_crop
 from hf_clip.synthetic import jpeg_bytes, photo_like
 from hf_clip.testing_utils import HIDE_TORCHVISION
 from hf_clip.training import TrainConfig
@@ -94,8 +94,7 @@ def tokenizer() -> HfClipTokenizer:
 
 def clip_batches(spec, tokenizer, transform_processor, device_jpegs: DeviceJpegs | None = None) -> ClipBatches:
     return ClipBatches(
-        load_stream(spec),
-        spec,
+        [spec],
         image_transform=functools.partial(random_crop, transform_processor),
         tokenizer=tokenizer,
         batch_size=5,
@@ -181,7 +180,7 @@ def test_device_decoding_matches_the_cpu_path(device_records, cpu_records):
         on_device, in_worker = on_device + int(rows.sum()), in_worker + int((~rows).sum())
     assert on_device >= 20 and in_worker >= 8  # both paths really ran
     damaged = sum(on_device is None for _, on_device in KINDS.values())
-    assert sum(int(record["skipped"][0]) for record in device_records) == 2 * 3 * damaged  # bad_image, 2 epochs
+    assert sum(int(record["skipped"][0, 0]) for record in device_records) == 2 * 3 * damaged  # bad_image, 2 epochs
 
 
 def test_device_crops_use_the_cpu_path_offsets(device_records, cpu_records):

@@ -6,16 +6,23 @@ Sources (all read with `datasets.load_dataset(..., streaming=True)`, offline on 
 - `parquet`: files with an image column (`{"bytes", "path"}` structs or raw bytes) and a caption column;
 - `imagefolder`: a folder of images with a `metadata.jsonl` (`file_name` plus the caption / label columns).
 
-The stream is split across ranks with `split_dataset_by_node` (whole shards when their count divides the world
-size, otherwise every rank reads everything and keeps its share) and across DataLoader workers by `datasets`.
-Every sample is decoded and preprocessed on its own: an undecodable or truncated image, an image PIL cannot convert
-to RGB, a missing field or an empty caption is skipped and counted by reason; the counts travel with each batch.
-A tar archive that is itself truncated ends that worker's pass over its shards for the epoch (`datasets` cannot
-continue inside a broken archive); it is logged and counted, never fatal.
+Training may read several sources (`DataSpec`s with a name and a weight), each in its own format and columns: each is
+shuffled on its own and mapped to common columns, and `datasets.interleave_datasets` draws every next sample from a
+source chosen with probability proportional to its weight, until every source has been read once (a source that
+runs out earlier starts over: `stopping_strategy="all_exhausted"`).
 
-Determinism (for exact resume): the shuffle is seeded by (seed, epoch) through `set_epoch`, and each sample's random
-crop draws from a generator seeded by (seed, epoch, rank, worker, position), so an epoch's batches depend only on
-those numbers and can be replayed.
+The stream is split across ranks with `split_dataset_by_node` (whole shards when their count, the smallest of the
+sources', divides the world size, otherwise every rank reads everything and keeps its share) and across DataLoader
+workers by `datasets`. Every sample is decoded and preprocessed on its own: an undecodable or truncated image, an
+image PIL cannot convert to RGB, a missing field or an empty caption is skipped and counted by source and reason;
+the counts travel with each batch. A tar archive that is itself truncated ends that worker's pass for the epoch, over
+all sources when they are mixed (`datasets` can continue neither inside a broken archive nor in an interleaved
+stream one of whose sources raised); it is logged with its file and source, counted under that source, never fatal.
+
+Determinism (for exact resume): the shuffles and the choice of sources are seeded by (seed, epoch) through
+`set_epoch` (from epoch 1 on, `datasets` reseeds the choice of sources from the epoch alone), and each sample's
+random crop draws from a generator seeded by (seed, epoch, rank, worker, position), so an epoch's batches depend
+only on those numbers and can be replayed.
 
 Images are decoded in the workers (the default; the training loop uses `FastClipImagePreprocessor`, bit for bit the
 processor's pixels), or, with `DeviceJpegs`, RGB and grayscale JPEGs only checked there and decoded on the training
@@ -24,6 +31,8 @@ device; the batch format of that mode is documented on `DeviceJpegs`.
 
 import io
 import logging
+import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +53,15 @@ logger = logging.getLogger(__name__)
 DATA_FORMATS = ("webdataset", "parquet", "imagefolder")
 SKIP_REASONS = ("bad_image", "empty_caption", "missing_field", "broken_shard")
 MAX_NAMED_SKIPS = 20  # per worker and pass; later skips are logged at DEBUG level
+# The columns every training source is mapped to (`source`: its index; `__key__`: None where the format has none).
+TRAINING_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(decode=False),
+        "caption": datasets.Value("string"),
+        "source": datasets.Value("int64"),
+        "__key__": datasets.Value("string"),
+    }
+)
 
 
 @dataclass
@@ -80,6 +98,112 @@ def load_stream(spec: DataSpec) -> datasets.IterableDataset:
     if isinstance(dataset.features[spec.image_column], datasets.Image):
         dataset = dataset.cast_column(spec.image_column, datasets.Image(decode=False))
     return dataset
+
+
+def check_sources(sources: list[DataSpec]) -> None:
+    """Training sources: at least one; names non-empty, unique and usable in metric names; weights positive and
+    finite; a caption column each."""
+    if not sources:
+        raise ValueError("no training sources given.")
+    names = [spec.name for spec in sources]
+    bad_names = [name for name in names if not name or "/" in name or name != name.strip()]
+    if bad_names:
+        raise ValueError(f"source names must be non-empty, without '/' or surrounding spaces; got {bad_names}.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"source names must be unique; {duplicates} appear more than once.")
+    for spec in sources:
+        if not (math.isfinite(spec.weight) and spec.weight > 0):
+            raise ValueError(f"source {spec.name!r}: weight must be positive and finite, got {spec.weight}.")
+        if spec.text_column is None:
+            raise ValueError(f"source {spec.name!r}: training data needs a caption column (text_column).")
+
+
+def training_columns(
+    spec: DataSpec, index: int, seed: int, shuffle_buffer: int, mixed: bool
+) -> datasets.IterableDataset:
+    """One source, shuffled (by `seed`, and through `set_epoch` by the epoch), in `TRAINING_FEATURES`' columns."""
+    try:
+        dataset = load_stream(spec)
+    except ValueError as error:
+        raise ValueError(f"source {spec.name!r}: {error}") from error
+    if shuffle_buffer > 0:
+        # Mixed, the buffer fills from one shard at a time: `datasets` ends every pass over a parquet source whose
+        # shards it interleaves with a 5 s sleep (apache/arrow#45214), and a mixture restarts a source many times.
+        shards = {"max_buffer_input_shards": 1} if mixed else {}
+        dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer, **shards)
+    # Mapped after the shuffle: the order of a shuffled parquet source depends on its arrow batches, kept so.
+    return dataset.map(TrainingColumns(spec, index), remove_columns=list(dataset.features), features=TRAINING_FEATURES)
+
+
+@dataclass
+class TrainingColumns:
+    """One source's example in `TRAINING_FEATURES`' columns (a class, not a closure: DataLoader workers started
+    with `spawn` unpickle it)."""
+
+    spec: DataSpec
+    index: int
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        image = example[self.spec.image_column]
+        return {
+            "image": {"bytes": image, "path": None} if isinstance(image, bytes) else image,
+            "caption": example[cast(str, self.spec.text_column)],
+            "source": self.index,
+            "__key__": example.get("__key__"),
+        }
+
+
+def mixed_stream(sources: list[DataSpec], seed: int, shuffle_buffer: int = 1000) -> datasets.IterableDataset:
+    """The training sources as one stream in `TRAINING_FEATURES`' columns: one source as it is (shuffled), several
+    interleaved, each next sample from a source drawn with probability proportional to its weight, until every
+    source has been read once (`stopping_strategy="all_exhausted"`)."""
+    check_sources(sources)
+    mixed = len(sources) > 1
+    streams = [training_columns(spec, index, seed, shuffle_buffer, mixed) for index, spec in enumerate(sources)]
+    if not mixed:
+        return streams[0]
+    total = sum(spec.weight for spec in sources)
+    return datasets.interleave_datasets(
+        streams,
+        probabilities=[spec.weight / total for spec in sources],
+        seed=sample_seed(seed, len(sources)),  # not `seed` itself: the shuffle buffers draw from that
+        stopping_strategy="all_exhausted",
+    )
+
+
+def broken_source(error: BaseException, sources: list[DataSpec]) -> tuple[int | None, str | None]:
+    """The source, and the file, that a data stream was reading when it raised `error`; `(None, None)` if unknown.
+
+    `datasets`' readers hold the path of the file they read in a local variable, and the traceback keeps their
+    frames (also those of the threads `interleave_datasets` reads its sources in), so the frames name the file."""
+    owners = {os.path.realpath(path): index for index, spec in enumerate(sources) for path in spec.data_files}
+    traceback = error.__traceback__
+    while traceback is not None:
+        for value in traceback.tb_frame.f_locals.values():
+            if not isinstance(value, str) or not value:
+                continue
+            path = os.path.realpath(value)
+            for owner, index in owners.items():
+                if path == owner or path.startswith(owner + os.sep):  # a file, or a file in a folder (imagefolder)
+                    return index, value
+        traceback = traceback.tb_next
+    return None, None
+
+
+def skip_metrics(skipped: torch.Tensor, sources: list[DataSpec]) -> dict[str, int]:
+    """Skip counts `(sources, SKIP_REASONS)` as metrics: `skipped_samples`, `skipped/<reason>` over all sources, and
+    with several sources `skipped/<source>/<reason>`."""
+    counts = skipped.tolist()
+    if len(counts) != len(sources):
+        raise ValueError(f"skip counts for {len(counts)} sources, but {len(sources)} sources given.")
+    totals = [sum(column) for column in zip(*counts, strict=True)]
+    metrics = {"skipped_samples": sum(totals)}
+    metrics.update({f"skipped/{reason}": total for reason, total in zip(SKIP_REASONS, totals, strict=True)})
+    if len(sources) > 1:
+        for spec, row in zip(sources, counts, strict=True):
+            metrics.update({f"skipped/{spec.name}/{reason}": n for reason, n in zip(SKIP_REASONS, row, strict=True)})
+    return metrics
 
 
 def image_bytes(value: Any) -> bytes | bytearray | None:
@@ -196,12 +320,14 @@ class SkipLog:
 
 
 class ClipBatches(torch.utils.data.IterableDataset):
-    """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped"}` for one rank.
+    """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped"}` for one rank, from the training
+    `sources` (`mixed_stream`).
 
     Use with `DataLoader(batch_size=None)`: batching happens here, after skipping, so every batch is full (the
-    contrastive loss needs the same batch size on every rank). `skipped` counts, per `SKIP_REASONS`, the samples
-    dropped since the previous batch of the same worker; a worker's pass ends with a `{"skipped"}`-only record when
-    samples were dropped after its last full batch.
+    contrastive loss needs the same batch size on every rank). `skipped` (int64, `(len(sources), len(SKIP_REASONS))`)
+    counts, per source and reason, the samples dropped since the previous batch of the same worker; a worker's pass
+    ends with a `{"skipped"}`-only record when samples were dropped after its last full batch. `skip_metrics` turns
+    summed counts into metrics.
 
     `image_transform(image, generator)` preprocesses a decoded image in the worker. With `device_jpegs`, the JPEGs
     it accepts skip that transform and travel encoded: batches then carry `DeviceJpegs.collate`'s fields instead of
@@ -210,8 +336,9 @@ class ClipBatches(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        dataset: datasets.IterableDataset,
-        spec: DataSpec,
+        sources: list[DataSpec] | datasets.IterableDataset,
+        legacy_spec: DataSpec | None = None,
+        *,
         image_transform: Callable[[Any, torch.Generator], torch.Tensor],
         tokenizer: Callable[..., Any],
         batch_size: int,
@@ -224,12 +351,12 @@ class ClipBatches(torch.utils.data.IterableDataset):
         super().__init__()
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (the contrastive loss of 1 pair is 0), got {batch_size}.")
-        if spec.text_column is None:
-            raise ValueError("training data needs a caption column (text_column).")
-        if shuffle_buffer > 0:
-            dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        self.dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.spec = spec
+        if isinstance(sources, datasets.IterableDataset):  # TRANSITIONAL: the old `(load_stream(spec), spec)` call
+            sources = [cast(DataSpec, legacy_spec)]
+        self.sources = sources
+        self.dataset = split_dataset_by_node(
+            mixed_stream(sources, seed, shuffle_buffer), rank=rank, world_size=world_size
+        )
         self.image_transform = image_transform
         self.device_jpegs = device_jpegs
         self.tokenizer = tokenizer
@@ -249,7 +376,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
         self.skip_log.restart()
         images: list[torch.Tensor | DeviceJpeg] = []
         captions: list[str] = []
-        skipped: Counter[str] = Counter()
+        skipped = self._no_skips()
         position = 0
         examples = iter(self.dataset)
         while True:
@@ -258,32 +385,49 @@ class ClipBatches(torch.utils.data.IterableDataset):
             except StopIteration:
                 break
             except Exception as error:  # tarfile.ReadError, OSError, pyarrow errors from a damaged file
-                logger.error(
-                    "rank %d worker %d: data stream broke (%s); ending this epoch's pass.", self.rank, worker_id, error
-                )
-                skipped["broken_shard"] += 1
+                self._broken(error, worker_id, skipped)
                 break
             position += 1
             generator = torch.Generator().manual_seed(
                 sample_seed(self.seed, self.epoch, self.rank, worker_id, position)
             )
-            sample = self._sample(example, generator, skipped)
+            sample = self._sample(example, generator, skipped[example["source"]])
             if sample is None:
                 continue
             images.append(sample[0])
             captions.append(sample[1])
             if len(images) == self.batch_size:
                 yield self._collate(images, captions, skipped)
-                images, captions, skipped = [], [], Counter()
-        if skipped:  # the counts of the dropped partial batch, as a record without samples
+                images, captions, skipped = [], [], self._no_skips()
+        if any(skipped):  # the counts of the dropped partial batch, as a record without samples
             yield {"skipped": self._counts(skipped)}
+
+    def _no_skips(self) -> list[Counter[str]]:
+        return [Counter() for _ in self.sources]
+
+    def _broken(self, error: Exception, worker_id: int, skipped: list[Counter[str]]) -> None:
+        index, path = broken_source(error, self.sources)
+        source = repr(self.sources[index or 0].name)
+        if index is None and len(self.sources) > 1:  # counted once all the same, under the first source
+            source = f"unknown, counted under {source}"
+        logger.error(
+            "rank %d worker %d: data stream broke in %s (source %s): %s; ending this epoch's pass.",
+            self.rank,
+            worker_id,
+            path or "an unknown file",
+            source,
+            error,
+        )
+        skipped[index or 0]["broken_shard"] += 1
 
     def _sample(
         self, example: dict, generator: torch.Generator, skipped: Counter
     ) -> tuple[torch.Tensor | DeviceJpeg, str] | None:
-        key = example.get("__key__", "?")
-        caption = example.get(self.spec.text_column)
-        data = image_bytes(example.get(self.spec.image_column))
+        key = str(example["__key__"] or "?")
+        if len(self.sources) > 1:
+            key += f" of source {self.sources[example['source']].name!r}"
+        caption = example["caption"]
+        data = image_bytes(example["image"])
         if data is None or caption is None:
             self.skip_log.skip(skipped, "missing_field", key, "no image or no caption")
             return None
@@ -293,16 +437,16 @@ class ClipBatches(torch.utils.data.IterableDataset):
         image: torch.Tensor | DeviceJpeg | None = None
         try:
             if self.device_jpegs is not None:
-                image = self.device_jpegs(data, str(key), generator)
+                image = self.device_jpegs(data, key, generator)
             if image is None:
-                image = self.image_transform(load_image_bytes(data, name=str(key)), generator)
+                image = self.image_transform(load_image_bytes(data, name=key), generator)
         except (ValueError, OSError, PIL.Image.DecompressionBombError) as error:
             self.skip_log.skip(skipped, "bad_image", key, str(error))
             return None
         return image, caption.strip()
 
     def _collate(
-        self, images: list[torch.Tensor | DeviceJpeg], captions: list[str], skipped: Counter
+        self, images: list[torch.Tensor | DeviceJpeg], captions: list[str], skipped: list[Counter[str]]
     ) -> dict[str, torch.Tensor]:
         text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
         if self.device_jpegs is None:
@@ -317,8 +461,8 @@ class ClipBatches(torch.utils.data.IterableDataset):
         }
 
     @staticmethod
-    def _counts(skipped: Counter) -> torch.Tensor:
-        return torch.tensor([skipped[reason] for reason in SKIP_REASONS])
+    def _counts(skipped: list[Counter[str]]) -> torch.Tensor:
+        return torch.tensor([[counts[reason] for reason in SKIP_REASONS] for counts in skipped], dtype=torch.int64)
 
 
 def labelled_batches(

@@ -3,6 +3,7 @@ model folder, and the metrics log."""
 
 import json
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,30 @@ TRAINING_STATE_FILE = "training_state.json"
 
 
 class DataCursor:
-    """This rank's position in its data stream: epoch, batches taken in it, and skip counts so far."""
+    """This rank's position in its data stream: epoch, batches taken in it, and skip counts so far, one row of
+    `SKIP_REASONS` per training source (`skipped` as nested lists, as `state` writes them)."""
 
-    def __init__(self, epoch: int = 0, batches_in_epoch: int = 0, skipped: list[int] | None = None):
+    def __init__(
+        self,
+        epoch: int = 0,
+        batches_in_epoch: int = 0,
+        skipped: list[list[int]] | list[int] | None = None,
+        num_sources: int | None = None,
+    ):
         self.epoch = epoch
         self.batches_in_epoch = batches_in_epoch
-        self.skipped = torch.tensor(skipped or [0] * len(SKIP_REASONS))
+        # TRANSITIONAL: `num_sources=None` keeps one flat row, for the loop that reads `skipped` as one.
+        shape = (len(SKIP_REASONS),) if num_sources is None else (num_sources, len(SKIP_REASONS))
+        if skipped is None:
+            self.skipped = torch.zeros(shape, dtype=torch.int64)
+            return
+        counts = torch.tensor(skipped, dtype=torch.int64)
+        if counts.numel() != math.prod(shape):  # a flat row is fine: one source, stored before per-source counts
+            raise ValueError(
+                f"the stored skip counts have shape {tuple(counts.shape)}, this run counts {shape} (a row of "
+                f"{SKIP_REASONS} per training source): resume with the sources the checkpoint was written with."
+            )
+        self.skipped = counts.view(shape)
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped": self.skipped.tolist()}
@@ -41,7 +60,7 @@ class DataCursor:
                 next(iterator)
             for batch in iterator:
                 self.batches_in_epoch += 1  # counts loader items (also skip-only records): what replay consumes
-                self.skipped += batch.pop("skipped")
+                self.skipped += batch.pop("skipped").view_as(self.skipped)  # TRANSITIONAL: view_as
                 if batch:
                     trained = True
                     yield batch
@@ -67,11 +86,13 @@ def checkpoint_to_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[int, DataCursor]:
-    """Restore `save_state` and return the stored step and this rank's data position."""
+def load_checkpoint(accelerator: Accelerator, path: Path, num_sources: int | None = None) -> tuple[int, DataCursor]:
+    """Restore `save_state` and return the stored step and this rank's data position (skip counts for
+    `num_sources` training sources)."""
     accelerator.load_state(str(path))
     step = json.loads((path / TRAINING_STATE_FILE).read_text())["step"]
-    cursor = DataCursor(**json.loads((path / f"data_state_rank{accelerator.process_index}.json").read_text()))
+    data_state = json.loads((path / f"data_state_rank{accelerator.process_index}.json").read_text())
+    cursor = DataCursor(**data_state, num_sources=num_sources)
     return step, cursor
 
 
