@@ -74,3 +74,15 @@ demo: install $(FASHION_MNIST)
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) demo_output gpu_check_dry .mypy_cache .ruff_cache .pytest_cache
+
+# The fine-tuning study (examples/finetune_study.py): pretrain on icon themes' captions, fine-tune on Fashion-MNIST's,
+# compare full fine-tuning, a locked image tower and WiSE-FT; figure and results.json in finetune_study_output.
+ICON_THEMES := /usr/share/icons/Adwaita/index.theme /usr/share/icons/Tango/index.theme /usr/share/icons/oxygen/index.theme
+
+.PHONY: finetune-study
+
+$(ICON_THEMES) &:
+	apt-get update -qq && apt-get install -y -qq adwaita-icon-theme tango-icon-theme oxygen-icon-theme
+
+finetune-study: install $(FASHION_MNIST) $(ICON_THEMES)
+	$(PY) examples/finetune_study.py --output-dir finetune_study_output
