@@ -336,8 +336,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
 
     def __init__(
         self,
-        sources: list[DataSpec] | datasets.IterableDataset,
-        legacy_spec: DataSpec | None = None,
+        sources: list[DataSpec],
         *,
         image_transform: Callable[[Any, torch.Generator], torch.Tensor],
         tokenizer: Callable[..., Any],
@@ -351,8 +350,6 @@ class ClipBatches(torch.utils.data.IterableDataset):
         super().__init__()
         if batch_size < 2:
             raise ValueError(f"batch_size must be at least 2 (the contrastive loss of 1 pair is 0), got {batch_size}.")
-        if isinstance(sources, datasets.IterableDataset):  # TRANSITIONAL: the old `(load_stream(spec), spec)` call
-            sources = [cast(DataSpec, legacy_spec)]
         self.sources = sources
         self.dataset = split_dataset_by_node(
             mixed_stream(sources, seed, shuffle_buffer), rank=rank, world_size=world_size

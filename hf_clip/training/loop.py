@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ..data.fast_preprocessing import FastClipImagePreprocessor
-from ..data.streams import SKIP_REASONS, ClipBatches, DataSpec, DeviceJpegs, labelled_batches, load_stream, random_crop
+from ..data.streams import ClipBatches, DataSpec, DeviceJpegs, labelled_batches, random_crop, skip_metrics
 from ..loss import ClipLoss, SigLipLoss
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
@@ -69,15 +69,13 @@ def train_batches(
     The workers preprocess with `FastClipImagePreprocessor` (the processor's pixels bit for bit, same random draws).
     The DataLoader is not given to `accelerator.prepare`: `ClipBatches` already splits the stream across ranks
     (`split_dataset_by_node`) and batches are moved to the device in the loop."""
-    spec = DataSpec(config.train_data_format, config.data_files(), config.image_column, config.text_column)
     device_decoder = None
     if config.image_decoding == "device":
         from ..data.device_decoding import DeviceImagePreprocessor  # needs torchvision: imported for this mode only
 
         device_decoder = DeviceImagePreprocessor(processor.image_processor, accelerator.device)
     batches = ClipBatches(
-        load_stream(spec),
-        spec,
+        config.resolved_train_specs(),
         image_transform=functools.partial(random_crop, FastClipImagePreprocessor(processor.image_processor)),
         tokenizer=processor.tokenizer,
         batch_size=config.per_device_batch_size,
@@ -108,9 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
     output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
-        log_with=config.trackers(),  # checked installed: accelerate would only warn and log nothing
+        log_with=config.trackers() or None,  # checked installed: accelerate would only warn and log nothing
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
@@ -155,10 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         embedder.compile(mode=config.torch_compile_mode)
     batches, loader, image_decoder = train_batches(config, processor, accelerator)
 
-    step, cursor = 0, DataCursor()
+    step, cursor = 0, DataCursor(num_sources=len(batches.sources))
     resume_from = checkpoint_to_resume(config.resume, output_dir)
     if resume_from is not None:
-        step, cursor = load_checkpoint(accelerator, resume_from)
+        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources))
         logger.info("resumed from %s at step %d", resume_from, step)
     eval_batches = None
     if config.eval_data_files:
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> None:
                 "logit_scale": unwrapped.logit_scale.detach().float().exp().item(),
                 "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
                 "train_seconds": train_seconds,
-                "skipped_samples": int(skipped.sum()),
-                **{f"skipped/{name}": int(n) for name, n in zip(SKIP_REASONS, skipped.tolist(), strict=True)},
+                **skip_metrics(skipped, batches.sources),
             }
             if eval_batches is not None and should_eval:
                 embedder.eval()

@@ -28,12 +28,11 @@ class DataCursor:
         epoch: int = 0,
         batches_in_epoch: int = 0,
         skipped: list[list[int]] | list[int] | None = None,
-        num_sources: int | None = None,
+        num_sources: int = 1,
     ):
         self.epoch = epoch
         self.batches_in_epoch = batches_in_epoch
-        # TRANSITIONAL: `num_sources=None` keeps one flat row, for the loop that reads `skipped` as one.
-        shape = (len(SKIP_REASONS),) if num_sources is None else (num_sources, len(SKIP_REASONS))
+        shape = (num_sources, len(SKIP_REASONS))
         if skipped is None:
             self.skipped = torch.zeros(shape, dtype=torch.int64)
             return
@@ -60,7 +59,7 @@ class DataCursor:
                 next(iterator)
             for batch in iterator:
                 self.batches_in_epoch += 1  # counts loader items (also skip-only records): what replay consumes
-                self.skipped += batch.pop("skipped").view_as(self.skipped)  # TRANSITIONAL: view_as
+                self.skipped += batch.pop("skipped")
                 if batch:
                     trained = True
                     yield batch
@@ -86,7 +85,7 @@ def checkpoint_to_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, num_sources: int | None = None) -> tuple[int, DataCursor]:
+def load_checkpoint(accelerator: Accelerator, path: Path, num_sources: int) -> tuple[int, DataCursor]:
     """Restore `save_state` and return the stored step and this rank's data position (skip counts for
     `num_sources` training sources)."""
     accelerator.load_state(str(path))
