@@ -10,10 +10,13 @@ weight decay on matrices only and β2/ε per image-tower family, cosine schedule
 clamped to ln(100) after every optimizer step, and the contrastive loss over the global batch of all ranks
 (`hf_clip.ClipLoss`, autograd all-gather). Gradient accumulation keeps the negatives of the whole accumulated
 batch by default (`accumulation_mode="cached"`; see `hf_clip/training/steps.py` for how it differs from `"plain"`).
+Fine-tuning options change parts of it on request: the sigmoid loss (`hf_clip.SigLipLoss`), locked towers and
+layer-wise learning-rate decay (`hf_clip/training/finetuning.py`), constant or warmup–stable–decay schedules, patch
+dropout, and several weighted data sources (`train_sources`).
 
 Outputs in `output_dir`: `checkpoints/step_XXXXXXXX/` (`save_state` + the data position of every rank), `logs/`
-(tensorboard), `metrics.jsonl` (the logged scalars), and `model/` (model + processor, loadable with `AutoModel`,
-`AutoProcessor` and `pipeline("zero-shot-image-classification")`).
+(the `log_with` trackers; tensorboard by default), `metrics.jsonl` (the logged scalars), and `model/` (model +
+processor, loadable with `AutoModel`, `AutoProcessor` and `pipeline("zero-shot-image-classification")`).
 
 Resume (`--resume latest` or a checkpoint path) is exact: every rank replays its data stream up to the stored
 position (the stream depends only on seed, epoch and rank), so a resumed run equals an uninterrupted one bitwise on
