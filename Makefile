@@ -17,7 +17,7 @@ GPU_PACKAGES := transformers==5.24.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth 
 GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 GPU_SITE := /tmp/hf_clip_site
 
-.PHONY: install test test-oldest style quality check demo clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install test test-oldest style quality check demo clean gpu-wheels gpu-check gpu-check-dry finetune-study
 
 install: $(STAMP)
 
@@ -73,13 +73,11 @@ demo: install $(FASHION_MNIST)
 	$(PY) examples/demo.py --output-dir demo_output
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) demo_output gpu_check_dry .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) demo_output gpu_check_dry finetune_study_output .mypy_cache .ruff_cache .pytest_cache
 
 # The fine-tuning study (examples/finetune_study.py): pretrain on icon themes' captions, fine-tune on Fashion-MNIST's,
 # compare full fine-tuning, a locked image tower and WiSE-FT; figure and results.json in finetune_study_output.
 ICON_THEMES := /usr/share/icons/Adwaita/index.theme /usr/share/icons/Tango/index.theme /usr/share/icons/oxygen/index.theme
-
-.PHONY: finetune-study
 
 $(ICON_THEMES) &:
 	apt-get update -qq && apt-get install -y -qq adwaita-icon-theme tango-icon-theme oxygen-icon-theme
