@@ -1,6 +1,7 @@
 """`make gpu-check`'s script in its CPU dry run: every stage runs the code path the GPU session will run, on tiny
 configurations, and records its rows (the training run skips and counts the corrupt samples, resume reproduces the
-uninterrupted loss exactly, the trained folder loads and classifies, the peers' benchmark rows are measured)."""
+uninterrupted loss exactly, the trained folder loads and classifies, the peers' benchmark rows are measured, the
+fine-tuning options train from it with the locked tensors unchanged)."""
 
 import json
 import os
@@ -18,7 +19,8 @@ def test_dry_run_records_every_stage(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     done = {row["stage"]: row for row in rows if "done" in row}
-    assert set(done) == {"correctness", "vit-b32", "end-to-end"}  # vit-l14 has no tiny counterpart of its own
+    # vit-l14 has no tiny counterpart of its own.
+    assert set(done) == {"correctness", "vit-b32", "end-to-end", "fine-tuning"}
     assert all(row["done"] for row in done.values()), done
     checks = {row["check"]: row for row in rows if row["stage"] == "correctness" and "check" in row}
     # Each of the 2 shards holds a truncated JPEG, bytes that are no image and an empty caption.
@@ -34,3 +36,5 @@ def test_dry_run_records_every_stage(tmp_path):
         next(row for row in rows if row["stage"] == "end-to-end" and "images_per_second" in row)["images_per_second"]
         > 0
     )
+    tuned = next(row for row in rows if row["stage"] == "fine-tuning" and "steps" in row)
+    assert tuned["losses_finite"] and tuned["locked_unchanged"] and tuned["trained_changed"] > 0

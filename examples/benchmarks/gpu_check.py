@@ -13,6 +13,9 @@ everything it measured (a stage cut off is recorded as such):
    one run, on the anchor batch and on captions capped at 32 tokens; transformers eager for the memory baseline.
 3. `vit-l14`: the same at batch 128.
 4. `end-to-end`: `examples/train.py` images/s from JPEG shards (16 workers) beside the step rate of stage 2.
+5. `fine-tuning`: `examples/train.py` from stage 1's model with the options that change the compiled step (sigmoid
+   loss with its new bias, patch dropout, the image tower locked but for its head, layer-wise decay on the text
+   tower, the warmup–stable–decay schedule); the locked tensors must come back bit-identical, the others trained.
 
     python examples/benchmarks/gpu_check.py --output $OUT/gpu_check                 # on the GPU machine
     python examples/benchmarks/gpu_check.py --device cpu --output /tmp/gpu_check    # dry run: tiny configs, CPU
@@ -134,15 +137,20 @@ def run(command: list[str], deadline: float, log: Path) -> subprocess.CompletedP
             raise TimeoutError(f"stopped at the time limit after {remaining:.0f} s") from error
 
 
-def train_command(scale: Scale, device: str, shards: list[str], output_dir: Path, tokenizer: Path) -> list[str]:
-    command = [sys.executable, str(EXAMPLES / "train.py"), "--output_dir", str(output_dir)]
-    command += ["--model_config", scale.train_model, "--tokenizer_name_or_path", str(tokenizer)]
+def train_command(scale: Scale, device: str, shards: list[str], output_dir: Path, model: list[str]) -> list[str]:
+    """`examples/train.py` on `shards`; `model` names what it trains: `new_model(scale, tokenizer)` or
+    `["--model_name_or_path", folder]`."""
+    command = [sys.executable, str(EXAMPLES / "train.py"), "--output_dir", str(output_dir), *model]
     command += ["--train_data_files", *shards, "--per_device_batch_size", str(scale.train_batch)]
     command += ["--max_steps", str(scale.train_steps), "--warmup_steps", "2", "--logging_steps", "1"]
     command += ["--dataloader_num_workers", str(scale.workers), "--shuffle_buffer", "64"]
     if device == "cuda":
         command += ["--mixed_precision", "bf16", "--image_decoding", "device"]
     return command
+
+
+def new_model(scale: Scale, tokenizer: Path) -> list[str]:
+    return ["--model_config", scale.train_model, "--tokenizer_name_or_path", str(tokenizer)]
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -157,7 +165,7 @@ def correctness(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: fl
     captions = [" ".join(WORDS)] * 20 + list(WORDS)
     tokenizer = work / "tokenizer"
     train_clip_bpe(captions, vocab_size=600).save_pretrained(tokenizer)
-    base = train_command(scale, args.device, shards, work / "full", tokenizer)
+    base = train_command(scale, args.device, shards, work / "full", new_model(scale, tokenizer))
     checkpoint_every = max(1, scale.train_steps // 3)
     run([*base, "--save_steps", str(checkpoint_every)], deadline, work / "full.log").check_returncode()
     full = metrics(work / "full")
@@ -169,7 +177,11 @@ def correctness(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: fl
     resumed_dir = work / "resumed"
     checkpoint = work / "full" / "checkpoints" / f"step_{resume_step:08d}"
     shutil.copytree(checkpoint, resumed_dir / "checkpoints" / checkpoint.name)
-    resume = [*train_command(scale, args.device, shards, resumed_dir, tokenizer), "--resume", "latest"]
+    resume = [
+        *train_command(scale, args.device, shards, resumed_dir, new_model(scale, tokenizer)),
+        "--resume",
+        "latest",
+    ]
     run(resume, deadline, work / "resumed.log").check_returncode()
     expected, got = full[-1]["loss"], metrics(resumed_dir)[-1]["loss"]
     rows.add("correctness", check="resume", resumed_at=resume_step, step=full[-1]["step"], loss_uninterrupted=expected,
@@ -283,7 +295,7 @@ def end_to_end(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: flo
     shards = write_shards(work / "shards", scale, corrupt=False)
     tokenizer = work / "tokenizer"
     train_clip_bpe([" ".join(WORDS)] * 20 + list(WORDS), vocab_size=600).save_pretrained(tokenizer)
-    command = train_command(scale, args.device, shards, work / "run", tokenizer)
+    command = train_command(scale, args.device, shards, work / "run", new_model(scale, tokenizer))
     run(command, deadline, work / "train.log").check_returncode()
     logged = metrics(work / "run")
     steady = [record["samples_per_second"] for record in logged[len(logged) // 3 :]]  # after compilation
@@ -291,7 +303,40 @@ def end_to_end(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: flo
              workers=scale.workers, model=scale.train_model, steps=logged[-1]["step"])  # fmt: skip
 
 
-STAGES = ("correctness", "vit-b32", "vit-l14", "end-to-end")
+# Options of the fine-tuning stage: every one changes the compiled training step.
+FINE_TUNING_OPTIONS = [
+    "--loss", "sigmoid", "--patch_dropout", "0.5", "--lock_image", "true", "--lock_image_unlocked_groups", "1",
+    "--layer_decay_text", "0.8", "--lr_scheduler", "wsd", "--lr_decay_steps", "2",
+]  # fmt: skip
+
+
+def fine_tuning(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: float) -> None:
+    from safetensors.torch import load_file
+
+    correctness_work = args.work / "correctness"
+    start = correctness_work / "full" / "model"
+    if not (start / "model.safetensors").is_file():
+        raise FileNotFoundError(f"the fine-tuning stage starts from the correctness stage's model: {start} is missing")
+    shards = sorted(str(path) for path in (correctness_work / "shards").glob("*.tar"))
+    output_dir = args.work / "fine-tuning"
+    command = train_command(scale, args.device, shards, output_dir, ["--model_name_or_path", str(start)])
+    run([*command, *FINE_TUNING_OPTIONS], deadline, args.work / "fine-tuning.log").check_returncode()
+    logged = metrics(output_dir)
+    before, after = load_file(start / "model.safetensors"), load_file(output_dir / "model" / "model.safetensors")
+    # The image tower's head (post-LayerNorm and projection) is its one unlocked group.
+    locked = [name for name in before if name.startswith("vision_model.") and "post_layernorm" not in name]
+    trained = [name for name in before if name not in locked]
+    steady = [record["samples_per_second"] for record in logged[len(logged) // 3 :]]  # after compilation
+    rows.add("fine-tuning", steps=logged[-1]["step"], loss_first=logged[0]["loss"], loss_last=logged[-1]["loss"],
+             losses_finite=all(np.isfinite(record["loss"]) for record in logged),
+             locked_unchanged=all(bool((before[name] == after[name]).all()) for name in locked),
+             trained_changed=sum(not bool((before[name] == after[name]).all()) for name in trained),
+             trained_tensors=len(trained), logit_bias=float(after["logit_bias"]),
+             images_per_second=float(np.median(steady)),
+             options=" ".join(FINE_TUNING_OPTIONS))  # fmt: skip
+
+
+STAGES = ("correctness", "vit-b32", "vit-l14", "end-to-end", "fine-tuning")
 
 
 def main() -> None:
@@ -321,6 +366,9 @@ def main() -> None:
         "vit-b32": lambda: throughput(args, scale, rows, deadline, "vit-b32", architectures[0]),
         "vit-l14": lambda: throughput(args, scale, rows, deadline, "vit-l14", architectures[-1]),
         "end-to-end": lambda: end_to_end(args, scale, rows, deadline),
+        "fine-tuning": lambda: fine_tuning(
+            args, CUDA_CORRECTNESS_SCALE if args.device == "cuda" else scale, rows, deadline
+        ),
     }
     for stage in args.stages.split(","):
         if args.device == "cpu" and stage == "vit-l14":
