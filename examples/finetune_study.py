@@ -344,6 +344,13 @@ def main() -> None:
     parser.add_argument("--icons-dir", type=Path, default=icons.ICONS)
     parser.add_argument("--fashion-mnist-dir", type=Path, default=FASHION_MNIST)
     parser.add_argument("--test-images", type=int, default=5000, help="Fashion-MNIST test images to score.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Training seed of every run (initialisation, data order); default: "
+        "the run configs'. The icon split stays the same, so runs with other seeds measure the training's spread.",
+    )
     args = parser.parse_args()
     output_dir = args.output_dir.resolve()
     if output_dir.exists():
@@ -353,7 +360,8 @@ def main() -> None:
     seconds = {"data": time.perf_counter() - started}
     print(json.dumps(prepared.data, indent=2), flush=True)
 
-    tokenizer = ["--tokenizer_name_or_path", str(output_dir / "tokenizer")]
+    seed = [] if args.seed is None else ["--seed", str(args.seed)]
+    tokenizer = ["--tokenizer_name_or_path", str(output_dir / "tokenizer"), *seed]
     seconds["pretrain"] = train(
         STUDY / "pretrain.json", output_dir / "pretrain", [*tokenizer, "--train_data_files", *prepared.icon_shards]
     )
@@ -362,7 +370,14 @@ def main() -> None:
         seconds[variant] = train(
             STUDY / "finetune.json",
             output_dir / variant,
-            ["--model_name_or_path", str(pretrained_dir), "--train_data_files", *prepared.fashion_shards, *fields],
+            [
+                "--model_name_or_path",
+                str(pretrained_dir),
+                "--train_data_files",
+                *prepared.fashion_shards,
+                *fields,
+                *seed,
+            ],
         )
 
     evaluation_started = time.perf_counter()
