@@ -260,10 +260,8 @@ class TrainConfig:
             spec.data_files = existing_files(spec.data_files, f"train source {spec.name!r}")
         return specs
 
-    def data_files(self, eval: bool = False) -> list[str]:
-        if eval:
-            return existing_files(self.eval_data_files, "eval")
-        return existing_files(self.train_data_files, "train")
+    def eval_files(self) -> list[str]:
+        return existing_files(self.eval_data_files, "eval")
 
 
 def existing_files(patterns: list[str], what: str) -> list[str]:

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.eval_data_files:
         eval_spec = DataSpec(
             config.eval_data_format,
-            config.data_files(eval=True),
+            config.eval_files(),
             config.image_column,
             label_column=config.eval_label_column,
         )
