@@ -177,6 +177,10 @@ def test_run_config_options_are_checked():
 
     check(lr_scheduler="wsd", max_steps=100, warmup_steps=10)
     assert TrainConfig(model_config="x", max_steps=100, lr_scheduler="wsd").decay_steps() == 10
+    # A source's data_files may be one pattern.
+    one_pattern = TrainConfig(train_sources='[{"name": "web", "data_files": "web/*.tar", "weight": 2}]')
+    (spec,) = one_pattern.train_specs()
+    assert (spec.name, spec.data_files, spec.weight, spec.data_format) == ("web", ["web/*.tar"], 2.0, "webdataset")
     for values, message in (
         ({"loss": "hinge"}, "loss must be one of"),
         ({"lr_scheduler": "linear"}, "lr_scheduler must be one of"),
@@ -186,6 +190,8 @@ def test_run_config_options_are_checked():
         ({"log_with": ["tensorbored"]}, "unknown trackers"),
         ({"train_sources": "[{}]"}, "missing fields"),
         ({"train_sources": "{"}, "not valid JSON"),
+        ({"train_sources": '[{"name": "a", "data_files": "x.tar", "weight": "heavy"}]'}, "weight must be a number"),
+        ({"layer_decay_text": 0.0}, "layer_decay_text"),
     ):
         with pytest.raises(ValueError, match=message):
             check(**values)

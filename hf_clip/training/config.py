@@ -195,6 +195,9 @@ class TrainConfig:
                 raise ValueError(f"lock_{tower}_unlocked_groups must be >= 0, got {groups}.")
             if groups > 0 and not getattr(self, f"lock_{tower}"):
                 raise ValueError(f"lock_{tower}_unlocked_groups={groups} has no effect without lock_{tower}=true.")
+        for tower, decay in (("image", self.layer_decay_image), ("text", self.layer_decay_text)):
+            if not 0.0 < decay <= 1.0:
+                raise ValueError(f"layer_decay_{tower} must be in (0, 1], got {decay}.")
         if self.patch_dropout is not None and not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}.")
         unknown_trackers = sorted(set(self.log_with) - set(TRACKERS))
@@ -241,14 +244,21 @@ class TrainConfig:
                     f"train_sources[{index}]: unknown fields {unknown}, missing fields {missing} "
                     f"(fields: {sorted(SOURCE_FIELDS)})."
                 )
+            data_files = source["data_files"]
+            try:
+                weight = float(source.get("weight", 1.0))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"train_sources[{index}]: weight must be a number, got {source['weight']!r}."
+                ) from error
             specs.append(
                 DataSpec(
                     source.get("data_format", self.train_data_format),
-                    list(source["data_files"]),
+                    [data_files] if isinstance(data_files, str) else list(data_files),  # one pattern or a list
                     source.get("image_column", self.image_column),
                     source.get("text_column", self.text_column),
                     name=source["name"],
-                    weight=float(source.get("weight", 1.0)),
+                    weight=weight,
                 )
             )
         return specs
