@@ -197,6 +197,15 @@ def test_run_config_options_are_checked():
             check(**values)
 
 
+def test_help_lists_every_option():
+    """`--help` formats every field's help (argparse reads a bare % in a help text as a format directive)."""
+    from transformers import HfArgumentParser
+
+    text = HfArgumentParser(TrainConfig).format_help()
+    for option in ("--train_sources", "--lr_decay_steps", "--lock_image_unlocked_groups", "--log_with", "--loss"):
+        assert option in text
+
+
 def test_trackers():
     from accelerate.tracking import get_available_trackers
 
