@@ -103,7 +103,9 @@ class TrainConfig:
             "lr_decay_steps): after warmup, constant and wsd's stable phase do not depend on the run's length."
         },
     )
-    lr_decay_steps: int | None = field(default=None, metadata={"help": "wsd: length of the decay. Default: a tenth of max_steps."})
+    lr_decay_steps: int | None = field(
+        default=None, metadata={"help": "wsd: length of the decay. Default: a tenth of max_steps."}
+    )
     # Fine-tuning: locked towers (LiT), layer-wise learning-rate decay, patch dropout (FLIP).
     lock_image: bool = field(default=False, metadata={"help": "Freeze the image tower (see the unlocked groups)."})
     lock_image_unlocked_groups: int = field(
