@@ -16,19 +16,17 @@ from safetensors.torch import load_file
 
 from hf_clip import ClipLoss, HfClipModel, train_clip_bpe
 from hf_clip.synthetic import write_webdataset_shard
-from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
+from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, random_text, tiny_config
 from hf_clip.training import TrainConfig, main
 from hf_clip.training.finetuning import layer_decay_scales, layer_groups, lock_logit_parameters, lock_tower
 from hf_clip.training.steps import ClipEmbedder, build_optimizer, build_scheduler, plain_loss
 
 
 def random_batch(model: HfClipModel, size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    text_config, vision_config = model.config.tower_configs()
-    input_ids = torch.randint(1, text_config.eos_token_id, (size, 6), generator=generator)
-    input_ids[:, -1] = text_config.eos_token_id
-    image_size = vision_config.image_size
-    return {"pixel_values": torch.randn(size, 3, image_size, image_size, generator=generator), "input_ids": input_ids}
+    """Random images and tiny-vocabulary captions (`random_text`) for a tiny model."""
+    image_size = model.config.tower_configs()[1].image_size
+    pixel_values = torch.randn(size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    return {"pixel_values": pixel_values, "input_ids": random_text(size, 6, seed=seed)["input_ids"]}
 
 
 def train_steps(embedder: ClipEmbedder, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
