@@ -17,6 +17,7 @@ from ..configuration_hf_clip import HfClipConfig
 from ..data.streams import DataSpec
 from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
+from ..onnx.folders import check_trainable
 from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
@@ -323,6 +324,7 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
     """The model's configuration with the run's loss and patch dropout applied; from scratch, the text vocabulary
     and special ids come from the tokenizer."""
     if config.model_name_or_path is not None:
+        check_trainable(config.model_name_or_path)  # an ONNX (int8) folder has a config but nothing to train
         model_config = HfClipConfig.from_pretrained(config.model_name_or_path)
     else:
         name_or_path = str(config.model_config)
