@@ -1,7 +1,6 @@
 """`TrainConfig`, the one dataclass of a training run, its parsing (JSON file and/or command line), and building the
 model, tokenizer and processor it names."""
 
-import glob
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -14,7 +13,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
 from transformers.hf_argparser import DataClassType
 
 from ..configuration_hf_clip import HfClipConfig
-from ..data.streams import DataSpec
+from ..data.formats import DataFormatName, DataSpec, resolve_files
 from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
@@ -45,10 +44,19 @@ class TrainConfig:
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
     )
     # Data: one source (the fields below) or several mixed by weight (`train_sources`).
-    train_data_format: str = field(default="webdataset", metadata={"help": "webdataset | parquet | imagefolder"})
-    train_data_files: list[str] = field(default_factory=list, metadata={"help": "Files or glob patterns."})
-    image_column: str = field(default="jpg", metadata={"help": "Image column (webdataset: the image extension)."})
-    text_column: str = field(default="txt", metadata={"help": "Caption column."})
+    train_data_format: DataFormatName = field(
+        default="webdataset", metadata={"help": "webdataset | parquet | imagefolder | arrow | csv"}
+    )
+    train_data_files: list[str] = field(
+        default_factory=list, metadata={"help": "Files or glob patterns (imagefolder, arrow: one folder)."}
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image column (webdataset: the image extension). Default: the format's (hf_clip.data.formats)."
+        },
+    )
+    text_column: str | None = field(default=None, metadata={"help": "Caption column. Default: the format's."})
     train_sources: str | None = field(
         default=None,
         metadata={
@@ -67,7 +75,7 @@ class TrainConfig:
         },
     )
     # Zero-shot evaluation on a held-out labelled split.
-    eval_data_format: str = "webdataset"
+    eval_data_format: DataFormatName = "webdataset"
     eval_data_files: list[str] = field(default_factory=list)
     eval_label_column: str = "cls"
     eval_max_samples: int | None = None
@@ -269,20 +277,11 @@ class TrainConfig:
         """`train_specs` with every source's file patterns expanded (missing files are an error)."""
         specs = self.train_specs()
         for spec in specs:
-            spec.data_files = existing_files(spec.data_files, f"train source {spec.name!r}")
+            spec.data_files = resolve_files(spec.data_format, spec.data_files, f"train source {spec.name!r}")
         return specs
 
     def eval_files(self) -> list[str]:
-        return existing_files(self.eval_data_files, "eval")
-
-
-def existing_files(patterns: list[str], what: str) -> list[str]:
-    """The sorted files matching `patterns` (globs or paths); an error names the ones that do not exist."""
-    files = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
-    missing = [path for path in files if not Path(path).exists()]
-    if not files or missing:
-        raise FileNotFoundError(f"{what} data files not found: {missing or patterns}")
-    return files
+        return resolve_files(self.eval_data_format, self.eval_data_files, "eval")
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
