@@ -5,6 +5,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 from accelerate.tracking import get_available_trackers
@@ -20,7 +21,6 @@ from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
 LOSSES = ("softmax", "sigmoid")
-LR_SCHEDULERS = ("cosine", "constant", "wsd")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
 SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
 # SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
@@ -67,7 +67,7 @@ class TrainConfig:
     )
     shuffle_buffer: int = 1000
     dataloader_num_workers: int = 0
-    image_decoding: str = field(
+    image_decoding: Literal["cpu", "device"] = field(
         default="cpu",
         metadata={
             "help": "cpu: workers decode and crop (exact pixels) | device: workers check and crop-plan RGB/grayscale "
@@ -89,7 +89,9 @@ class TrainConfig:
     # Optimisation.
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    accumulation_mode: str = field(default="cached", metadata={"help": "cached (full-batch negatives) | plain"})
+    accumulation_mode: Literal["cached", "plain"] = field(
+        default="cached", metadata={"help": "cached (full-batch negatives) | plain"}
+    )
     max_steps: int = 1000
     loss: str = field(
         default="softmax",
@@ -104,7 +106,7 @@ class TrainConfig:
     adam_beta2: float | None = field(default=None, metadata={"help": "Default: 0.98 (ViT) / 0.999 (ResNet)."})
     adam_epsilon: float | None = field(default=None, metadata={"help": "Default: 1e-6 (ViT) / 1e-8 (ResNet)."})
     warmup_steps: int = 100
-    lr_scheduler: str = field(
+    lr_scheduler: Literal["cosine", "constant", "wsd"] = field(
         default="cosine",
         metadata={
             "help": "cosine (to 0 at max_steps) | constant | wsd (warmup, stable, then a cosine decay over the last "
@@ -142,7 +144,7 @@ class TrainConfig:
         metadata={"help": "ViT training: fraction of patch tokens dropped per image. Default: the model config's."},
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "no | bf16 | fp16"})
     gradient_checkpointing: bool = False
     torch_compile: bool | None = field(
         default=None,
@@ -180,10 +182,7 @@ class TrainConfig:
                 f"per_device_batch_size must be at least 2, got {self.per_device_batch_size}: "
                 "with one pair there are no negatives and the contrastive loss is 0."
             )
-        if self.image_decoding not in ("cpu", "device"):
-            raise ValueError(f"image_decoding must be 'cpu' or 'device', got {self.image_decoding!r}.")
-        if self.accumulation_mode not in ("cached", "plain"):
-            raise ValueError(f"accumulation_mode must be 'cached' or 'plain', got {self.accumulation_mode!r}.")
+        check_choices(self)
         if self.gradient_accumulation_steps < 1 or self.max_steps < 1 or self.logging_steps < 1:
             raise ValueError("gradient_accumulation_steps, max_steps and logging_steps must be positive.")
         if self.eval_data_files and not self.class_names:
@@ -192,8 +191,6 @@ class TrainConfig:
             raise ValueError("templates is empty.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
             raise ValueError(
                 f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "
@@ -282,6 +279,14 @@ class TrainConfig:
 
     def eval_files(self) -> list[str]:
         return resolve_files(self.eval_data_format, self.eval_data_files, "eval")
+
+
+def check_choices(config: Any) -> None:
+    """Every `Literal` field of a dataclass holds one of its choices: values from a JSON run config reach the
+    dataclass without argparse's `choices` check."""
+    for name, annotation in get_type_hints(type(config)).items():
+        if get_origin(annotation) is Literal and getattr(config, name) not in get_args(annotation):
+            raise ValueError(f"{name} must be one of {list(get_args(annotation))}, got {getattr(config, name)!r}.")
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
