@@ -16,11 +16,11 @@ from transformers.hf_argparser import DataClassType
 from ..configuration_hf_clip import HfClipConfig
 from ..data.formats import DataFormatName, DataSpec, resolve_files
 from ..image_processing_hf_clip import HfClipImageProcessor
+from ..loss import LOSSES
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
-LOSSES = ("softmax", "sigmoid")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
 SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
 # SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
@@ -190,7 +190,8 @@ class TrainConfig:
         if not self.templates:
             raise ValueError("templates is empty.")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+            # Not a Literal: the registry is open (`hf_clip.loss.register_loss`).
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
             raise ValueError(
                 f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "
@@ -337,13 +338,13 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
         values["text_config"].update(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
         )
-        if config.loss == "sigmoid" and values.get("logit_bias_init_value") is None:
+        if LOSSES[config.loss].uses_logit_bias and values.get("logit_bias_init_value") is None:
             values.update(logit_scale_init_value=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init_value=SIGLIP_LOGIT_BIAS_INIT)
         model_config = HfClipConfig.from_dict(values)
-    has_bias = model_config.logit_bias_init_value is not None
-    if config.loss == "softmax" and has_bias:
-        raise ValueError("this model has a SigLIP bias (logit_bias): train it with loss='sigmoid'.")
-    if config.loss == "sigmoid" and not has_bias:
+    has_bias, uses_bias = model_config.logit_bias_init_value is not None, LOSSES[config.loss].uses_logit_bias
+    if has_bias and not uses_bias:
+        raise ValueError(f"this model has a SigLIP bias (logit_bias), which loss={config.loss!r} does not use.")
+    if uses_bias and not has_bias:
         # A softmax checkpoint fine-tuned with the sigmoid loss: from_pretrained adds the bias at its initial value.
         model_config.logit_bias_init_value = SIGLIP_LOGIT_BIAS_INIT
     if config.patch_dropout is not None:
