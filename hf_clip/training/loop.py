@@ -48,6 +48,7 @@ from ..processing_hf_clip import HfClipProcessor
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
+from .launcher import end_with_launcher
 from .run_folder import prepare_output_dir, run_fingerprint
 from .state import (
     DataCursor,
@@ -117,6 +118,7 @@ def lock_parameters(config: TrainConfig, model: HfClipModel) -> list[torch.nn.Ba
 
 
 def main(argv: list[str] | None = None) -> None:
+    end_with_launcher()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
     output_dir = Path(config.output_dir)
