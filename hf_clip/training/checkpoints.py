@@ -166,7 +166,9 @@ def file_problem(path: Path) -> str | None:
         return "empty (0 bytes)"
     if path.suffix == ".safetensors":
         return safetensors_problem(path)
-    if path.suffix in (".bin", ".pt", ".pth"):  # torch.save writes a zip archive; a cut one has no central directory
+    # torch.save (accelerate's optimizer, scheduler and RNG-state files) writes a zip archive; a cut one has no
+    # central directory.
+    if path.suffix in (".bin", ".pt", ".pth", ".pkl"):
         if not zipfile.is_zipfile(path):
             return "cut short or corrupt (not a complete torch archive)"
         return None

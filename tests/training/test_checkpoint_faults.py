@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 KILLED_CHECKPOINT = "step_00000004"  # the second save of the 6-step run
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-process", "2-processes"])
+@pytest.fixture(scope="module")
 def setup(request, tmp_path_factory) -> dict:
+    """The run's arguments and its uninterrupted result, for `request.param` processes."""
     num_processes = request.param
     folder = tmp_path_factory.mktemp(f"faults{num_processes}")
     args = run_arguments(folder, num_shards=num_processes)
@@ -29,13 +30,17 @@ def assert_same_model(output_dir: Path, reference: Path) -> None:
         assert torch.equal(resumed[name], tensor), name
 
 
+KILLS = [("after_model", 0), ("after_optimizer", 0), ("before_data_state", 0)]
+
+
 @pytest.mark.parametrize(
-    ("point", "rank"),
-    [("after_model", 0), ("after_optimizer", 0), ("before_data_state", 0), ("before_data_state", 1)],
+    ("setup", "point", "rank"),
+    [(1, *kill) for kill in KILLS] + [(2, *kill) for kill in [*KILLS, ("before_data_state", 1)]],
+    ids=[f"1-process-{p}" for p, _ in KILLS]
+    + [f"2-processes-{p}-rank{r}" for p, r in [*KILLS, ("before_data_state", 1)]],
+    indirect=["setup"],
 )
 def test_kill_during_a_checkpoint_write_then_resume_latest(setup, point, rank):
-    if rank >= setup["num_processes"]:
-        pytest.skip("a second rank exists only in the 2-process run")
     folder, num_processes = setup["folder"], setup["num_processes"]
     output_dir = folder / f"killed_{point}_{rank}"
     script = write_killer(folder / f"killer_{point}_{rank}", point, rank, KILLED_CHECKPOINT)

@@ -106,6 +106,7 @@ def test_a_resume_with_another_architecture_names_the_field(args, finished, tmp_
     [
         ("cut model", r"step_00000004 cannot be loaded: model.safetensors is cut short"),
         ("cut optimizer", r"step_00000004 cannot be loaded: optimizer.bin is cut short or corrupt"),
+        ("cut rng", r"step_00000004 cannot be loaded: random_states_0.pkl is cut short or corrupt"),
         ("no data state", r"step_00000004 cannot be loaded: data_state_rank0.json is missing"),
     ],
 )
@@ -117,7 +118,8 @@ def test_a_damaged_checkpoint_is_one_error_naming_folder_file_and_the_earlier_ch
     if damage == "no data state":
         (checkpoint / "data_state_rank0.json").unlink()
     else:
-        path = checkpoint / ("model.safetensors" if damage == "cut model" else "optimizer.bin")
+        name = {"cut model": "model.safetensors", "cut optimizer": "optimizer.bin", "cut rng": "random_states_0.pkl"}
+        path = checkpoint / name[damage]
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     earlier = output_dir / "checkpoints" / "step_00000002"
     with pytest.raises(CheckpointError, match=rf"{message}.*Resume from an earlier checkpoint: --resume {earlier}"):
