@@ -48,8 +48,18 @@ from ..processing_hf_clip import HfClipProcessor
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
+from .launcher import end_with_launcher
 from .objective import ClipObjective, ObjectiveOutput
-from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
+from .run_folder import prepare_output_dir, run_fingerprint
+from .state import (
+    DataCursor,
+    checkpoint_to_resume,
+    drop_metrics_after,
+    load_checkpoint,
+    log_record,
+    save_checkpoint,
+    save_final,
+)
 from .steps import (
     ClipEmbedder,
     base_learning_rate,
@@ -107,6 +117,7 @@ def lock_parameters(config: TrainConfig, model: HfClipModel) -> list[torch.nn.Ba
 
 
 def main(argv: list[str] | None = None) -> None:
+    end_with_launcher()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
     output_dir = Path(config.output_dir)
@@ -121,12 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 autocast does not run on CPU (it would silently train in fp32); use bf16 or no.")
+    prepare_output_dir(accelerator, config)
     set_seed(config.seed)
     logger.info("%s", accelerator.state)
 
     tokenizer = build_tokenizer(config)
     model_config = architecture(config, tokenizer)
     processor = build_processor(model_config, tokenizer)
+    fingerprint = run_fingerprint(config, model_config, accelerator.num_processes)
     model = build_model(config, model_config).to(accelerator.device)  # before the optimizer: fused AdamW on CUDA
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     step, cursor = 0, DataCursor(num_sources=len(batches.sources))
     resume_from = checkpoint_to_resume(config.resume, output_dir)
     if resume_from is not None:
-        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources))
+        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources), fingerprint)
         logger.info("resumed from %s at step %d", resume_from, step)
+    drop_metrics_after(accelerator, output_dir, step)
     eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if config.eval_data_files:
         eval_spec = DataSpec(
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         if config.save_steps > 0 and step % config.save_steps == 0:
-            save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step:08d}", step, cursor)
+            save_checkpoint(accelerator, output_dir, step, cursor, fingerprint, config.save_total_limit)
         if config.stop_at_step is not None and step >= config.stop_at_step:
             logger.info("stopping at step %d (stop_at_step); continue with --resume latest", step)
             accelerator.end_training()
