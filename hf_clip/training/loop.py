@@ -45,7 +45,8 @@ from ..data.formats import DataSpec
 from ..data.streams import ClipBatches, labelled_batches, random_crop, skip_metrics
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
-from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
+from .builders import architecture, build_model, build_processor, build_tokenizer
+from .config import TrainConfig, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
 from .launcher import end_with_launcher
