@@ -24,7 +24,8 @@ from hf_clip.onnx.folders import QUANTIZATION_FILE, TEXT_FILE, VISION_FILE
 from hf_clip.onnx.quantize import quantize_onnx, quantize_torch
 from hf_clip.onnx.runtime import OnnxClipEmbedder
 from hf_clip.testing_utils import TINY_RESNET, TINY_VIT, random_images, tiny_clip_tokenizer, tiny_config
-from hf_clip.training.config import TrainConfig, architecture
+from hf_clip.training.builders import architecture
+from hf_clip.training.config import TrainConfig
 from hf_clip.zero_shot import encode_images, encode_texts
 
 CAPTIONS = ["a red square", "a photo of a dog.", "two cats on a mat", "blue"]

@@ -1,33 +1,21 @@
-"""`TrainConfig`, the one dataclass of a training run, its parsing (JSON file and/or command line), and building the
-model, tokenizer and processor it names."""
+"""`TrainConfig`, the one dataclass of a training run, and its parsing (JSON file and/or command line); the model,
+tokenizer and processor it names are built in `hf_clip.training.builders`."""
 
-import glob
 import json
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
-from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
+from transformers import HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
-from ..configuration_hf_clip import HfClipConfig
-from ..data.streams import DataSpec
-from ..image_processing_hf_clip import HfClipImageProcessor
-from ..modeling_hf_clip import HfClipModel
-from ..onnx.folders import check_trainable
-from ..processing_hf_clip import HfClipProcessor
-from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
+from ..data.formats import DataFormatName, DataSpec, resolve_files
+from ..loss import LOSSES
 
-LOSSES = ("softmax", "sigmoid")
-LR_SCHEDULERS = ("cosine", "constant", "wsd")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
 SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
-# SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
-SIGLIP_LOGIT_SCALE_INIT = math.log(10)
-SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
 @dataclass
@@ -46,10 +34,19 @@ class TrainConfig:
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
     )
     # Data: one source (the fields below) or several mixed by weight (`train_sources`).
-    train_data_format: str = field(default="webdataset", metadata={"help": "webdataset | parquet | imagefolder"})
-    train_data_files: list[str] = field(default_factory=list, metadata={"help": "Files or glob patterns."})
-    image_column: str = field(default="jpg", metadata={"help": "Image column (webdataset: the image extension)."})
-    text_column: str = field(default="txt", metadata={"help": "Caption column."})
+    train_data_format: DataFormatName = field(
+        default="webdataset", metadata={"help": "webdataset | parquet | imagefolder | arrow | csv"}
+    )
+    train_data_files: list[str] = field(
+        default_factory=list, metadata={"help": "Files or glob patterns (imagefolder, arrow: one folder)."}
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image column (webdataset: the image extension). Default: the format's (hf_clip.data.formats)."
+        },
+    )
+    text_column: str | None = field(default=None, metadata={"help": "Caption column. Default: the format's."})
     train_sources: str | None = field(
         default=None,
         metadata={
@@ -60,7 +57,7 @@ class TrainConfig:
     )
     shuffle_buffer: int = 1000
     dataloader_num_workers: int = 0
-    image_decoding: str = field(
+    image_decoding: Literal["cpu", "device"] = field(
         default="cpu",
         metadata={
             "help": "cpu: workers decode and crop (exact pixels) | device: workers check and crop-plan RGB/grayscale "
@@ -68,7 +65,7 @@ class TrainConfig:
         },
     )
     # Zero-shot evaluation on a held-out labelled split.
-    eval_data_format: str = "webdataset"
+    eval_data_format: DataFormatName = "webdataset"
     eval_data_files: list[str] = field(default_factory=list)
     eval_label_column: str = "cls"
     eval_max_samples: int | None = None
@@ -82,7 +79,9 @@ class TrainConfig:
     # Optimisation.
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    accumulation_mode: str = field(default="cached", metadata={"help": "cached (full-batch negatives) | plain"})
+    accumulation_mode: Literal["cached", "plain"] = field(
+        default="cached", metadata={"help": "cached (full-batch negatives) | plain"}
+    )
     max_steps: int = 1000
     loss: str = field(
         default="softmax",
@@ -97,7 +96,7 @@ class TrainConfig:
     adam_beta2: float | None = field(default=None, metadata={"help": "Default: 0.98 (ViT) / 0.999 (ResNet)."})
     adam_epsilon: float | None = field(default=None, metadata={"help": "Default: 1e-6 (ViT) / 1e-8 (ResNet)."})
     warmup_steps: int = 100
-    lr_scheduler: str = field(
+    lr_scheduler: Literal["cosine", "constant", "wsd"] = field(
         default="cosine",
         metadata={
             "help": "cosine (to 0 at max_steps) | constant | wsd (warmup, stable, then a cosine decay over the last "
@@ -135,7 +134,7 @@ class TrainConfig:
         metadata={"help": "ViT training: fraction of patch tokens dropped per image. Default: the model config's."},
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "no | bf16 | fp16"})
     gradient_checkpointing: bool = False
     torch_compile: bool | None = field(
         default=None,
@@ -160,7 +159,17 @@ class TrainConfig:
     )
     logging_steps: int = 10
     save_steps: int = 0
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N complete checkpoints (at least 1). Default: all."}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (the newest complete checkpoint; none yet: start fresh) or a checkpoint folder."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run in a non-empty output_dir (its checkpoints, logs, metrics and model/)."},
+    )
     stop_at_step: int | None = field(
         default=None, metadata={"help": "End the run after this step (after saving), as a preemption would."}
     )
@@ -173,10 +182,13 @@ class TrainConfig:
                 f"per_device_batch_size must be at least 2, got {self.per_device_batch_size}: "
                 "with one pair there are no negatives and the contrastive loss is 0."
             )
-        if self.image_decoding not in ("cpu", "device"):
-            raise ValueError(f"image_decoding must be 'cpu' or 'device', got {self.image_decoding!r}.")
-        if self.accumulation_mode not in ("cached", "plain"):
-            raise ValueError(f"accumulation_mode must be 'cached' or 'plain', got {self.accumulation_mode!r}.")
+        check_choices(self)
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(
+                f"save_total_limit must be at least 1 (or unset to keep all), got {self.save_total_limit}."
+            )
+        if self.overwrite_output_dir and self.resume is not None:
+            raise ValueError("overwrite_output_dir replaces the run in output_dir, resume continues it: give one.")
         if self.gradient_accumulation_steps < 1 or self.max_steps < 1 or self.logging_steps < 1:
             raise ValueError("gradient_accumulation_steps, max_steps and logging_steps must be positive.")
         if self.eval_data_files and not self.class_names:
@@ -184,9 +196,8 @@ class TrainConfig:
         if not self.templates:
             raise ValueError("templates is empty.")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
+            # Not a Literal: the registry is open (`hf_clip.loss.register_loss`).
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
             raise ValueError(
                 f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "
@@ -270,20 +281,19 @@ class TrainConfig:
         """`train_specs` with every source's file patterns expanded (missing files are an error)."""
         specs = self.train_specs()
         for spec in specs:
-            spec.data_files = existing_files(spec.data_files, f"train source {spec.name!r}")
+            spec.data_files = resolve_files(spec.data_format, spec.data_files, f"train source {spec.name!r}")
         return specs
 
     def eval_files(self) -> list[str]:
-        return existing_files(self.eval_data_files, "eval")
+        return resolve_files(self.eval_data_format, self.eval_data_files, "eval")
 
 
-def existing_files(patterns: list[str], what: str) -> list[str]:
-    """The sorted files matching `patterns` (globs or paths); an error names the ones that do not exist."""
-    files = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
-    missing = [path for path in files if not Path(path).exists()]
-    if not files or missing:
-        raise FileNotFoundError(f"{what} data files not found: {missing or patterns}")
-    return files
+def check_choices(config: Any) -> None:
+    """Every `Literal` field of a dataclass holds one of its choices: values from a JSON run config reach the
+    dataclass without argparse's `choices` check."""
+    for name, annotation in get_type_hints(type(config)).items():
+        if get_origin(annotation) is Literal and getattr(config, name) not in get_args(annotation):
+            raise ValueError(f"{name} must be one of {list(get_args(annotation))}, got {getattr(config, name)!r}.")
 
 
 def parse_config(argv: list[str]) -> TrainConfig:
@@ -307,62 +317,3 @@ def parse_config(argv: list[str]) -> TrainConfig:
         argv = argv[1:]
     (config,) = parser.parse_args_into_dataclasses(args=argv)
     return config
-
-
-def build_tokenizer(config: TrainConfig) -> TokenizersBackend:
-    """The saved tokenizer of `tokenizer_name_or_path` (else of the model folder), or OpenAI's BPE for a new model."""
-    source = config.tokenizer_name_or_path or config.model_name_or_path
-    if source is None:
-        return HfClipTokenizer.from_clip_bpe()
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if not isinstance(tokenizer, TokenizersBackend):
-        raise TypeError(f"{source} holds a {type(tokenizer).__name__}; CLIP needs a byte-level BPE tokenizer.")
-    return tokenizer
-
-
-def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipConfig:
-    """The model's configuration with the run's loss and patch dropout applied; from scratch, the text vocabulary
-    and special ids come from the tokenizer."""
-    if config.model_name_or_path is not None:
-        check_trainable(config.model_name_or_path)  # an ONNX (int8) folder has a config but nothing to train
-        model_config = HfClipConfig.from_pretrained(config.model_name_or_path)
-    else:
-        name_or_path = str(config.model_config)
-        if name_or_path.endswith(".json"):
-            values = json.loads(Path(name_or_path).read_text())
-        else:
-            values = HfClipConfig.from_architecture(name_or_path).to_dict()
-        values["text_config"].update(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-        if config.loss == "sigmoid" and values.get("logit_bias_init_value") is None:
-            values.update(logit_scale_init_value=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init_value=SIGLIP_LOGIT_BIAS_INIT)
-        model_config = HfClipConfig.from_dict(values)
-    has_bias = model_config.logit_bias_init_value is not None
-    if config.loss == "softmax" and has_bias:
-        raise ValueError("this model has a SigLIP bias (logit_bias): train it with loss='sigmoid'.")
-    if config.loss == "sigmoid" and not has_bias:
-        # A softmax checkpoint fine-tuned with the sigmoid loss: from_pretrained adds the bias at its initial value.
-        model_config.logit_bias_init_value = SIGLIP_LOGIT_BIAS_INIT
-    if config.patch_dropout is not None:
-        vision_config = model_config.tower_configs()[1]
-        vision_config.patch_dropout = config.patch_dropout
-        vision_config.validate_architecture()
-    return model_config
-
-
-def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) -> HfClipProcessor:
-    """The tokenizer (checked against the text tower once per run, so the compiled step needs no per-batch check;
-    truncating at the tower's context length) and an image processor at the model's resolution."""
-    check_tokenizer(tokenizer, model_config)
-    size = model_config.tower_configs()[1].image_size
-    image_processor = HfClipImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    return HfClipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-
-
-def build_model(config: TrainConfig, model_config: HfClipConfig) -> HfClipModel:
-    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s), in float32
-    (autocast handles mixed precision)."""
-    if config.model_name_or_path is not None:
-        return HfClipModel.from_pretrained(config.model_name_or_path, config=model_config, dtype=torch.float32)
-    return HfClipModel(model_config)
