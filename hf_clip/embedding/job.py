@@ -11,8 +11,9 @@ reason (`hf_clip.data.samples`), never fatal. The output
 is described in `hf_clip.embedding.layout`; how the input is cut into parts, and which process embeds which, in
 `hf_clip.embedding.samples`. Run again with the same arguments, a killed job embeds only the parts it had not
 finished. A progress bar counts the main process's samples; at the end the main process prints and writes
-`summary.json`: parts, stream examples, embedded samples, skipped samples by reason, and this run's samples per
-second (all processes' samples over the slowest one's time).
+`summary.json`: parts, stream examples, embedded samples, skipped samples by reason, captions truncated to the
+model's text context (also logged; the tokenizer truncates where the model's context ends), and this run's samples
+per second (all processes' samples over the slowest one's time).
 """
 
 import json
@@ -52,6 +53,8 @@ from .layout import (
     write_part,
 )
 from .samples import PartBatches, count_parts, open_input
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class PartBuffer:
         self.keys: list[str] = []
         self.captions: list[str | None] = []
         self.embeddings: dict[str, list[np.ndarray]] = {}
+        self.truncated_captions = 0
 
     def add(self, modality: str, matrix: np.ndarray) -> None:
         self.embeddings.setdefault(modality, []).append(matrix)
@@ -208,14 +212,18 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
             if embed_images:
                 buffer.add("image", image_embeddings(model, batch["pixel_values"]).astype(output_dtype))
             if embed_texts:
-                buffer.add("text", text_embeddings(model, tokenizer, batch["captions"]).astype(output_dtype))
+                matrix, truncated = text_embeddings(model, tokenizer, batch["captions"])
+                buffer.add("text", matrix.astype(output_dtype))
+                buffer.truncated_captions += truncated
             buffer.keys.extend(batch["keys"])
             if batch["captions"] is not None:
                 buffer.captions.extend(batch["captions"])
         bar.update(len(batch["keys"]))
         if batch["end"]:
             del buffers[batch["part"]]
-            record = PartRecord(batch["part"], batch["examples"], len(buffer.keys), batch["skipped"])
+            record = PartRecord(
+                batch["part"], batch["examples"], len(buffer.keys), batch["skipped"], buffer.truncated_captions
+            )
             metadata: dict[str, list] = {KEY_COLUMN: buffer.keys}
             if config.text_column is not None:
                 metadata[CAPTION_COLUMN] = buffer.captions
@@ -248,6 +256,12 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
         "samples_per_second": round(run_samples / slowest, 2) if slowest > 0 else None,
     }
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["truncated_captions"]:
+        logger.warning(
+            "%d captions were longer than the model's %d-token context and were truncated before embedding.",
+            summary["truncated_captions"],
+            tokenizer.model_max_length,
+        )
     return summary
 
 

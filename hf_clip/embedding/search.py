@@ -9,6 +9,7 @@ best rows with their cosine similarity: a text finds images in an image index, a
 """
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from transformers.hf_argparser import DataClassType
 
 from .encoders import ImageInput, ImagePreprocessor, image_embeddings, load_clip, text_embeddings
 from .index import EmbeddingIndex
+
+logger = logging.getLogger(__name__)
 
 
 class ClipSearcher:
@@ -53,7 +56,10 @@ class ClipSearcher:
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"the text query must be a non-empty string, got {text!r}.")
-            return text_embeddings(self.model, self.tokenizer, [text])
+            embedding, truncated = text_embeddings(self.model, self.tokenizer, [text])
+            if truncated:
+                logger.warning("the query is longer than %d tokens: truncated.", self.tokenizer.model_max_length)
+            return embedding
         assert image is not None
         name = str(image) if isinstance(image, str) else "query image"
         return image_embeddings(self.model, self.preprocess(image, name=name)[None])

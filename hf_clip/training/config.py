@@ -7,7 +7,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-import torch
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import LoggerType
 from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
@@ -19,6 +18,7 @@ from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
+from .text_context import apply_text_context_length, load_at_text_context
 
 LOSSES = ("softmax", "sigmoid")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
@@ -42,6 +42,14 @@ class TrainConfig:
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
+    )
+    text_context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens the text tower reads (the tokenizer truncates there). From scratch: the context; "
+            "fine-tuning: a longer context, the saved position embeddings stretched by Long-CLIP's rule (never "
+            "shorter). Default: the model's (77)."
+        },
     )
     # Data: one source (the fields below) or several mixed by weight (`train_sources`).
     train_data_format: DataFormatName = field(
@@ -350,6 +358,7 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
         vision_config = model_config.tower_configs()[1]
         vision_config.patch_dropout = config.patch_dropout
         vision_config.validate_architecture()
+    apply_text_context_length(model_config, config.text_context_length, config.model_name_or_path is not None)
     return model_config
 
 
@@ -363,8 +372,8 @@ def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) ->
 
 
 def build_model(config: TrainConfig, model_config: HfClipConfig) -> HfClipModel:
-    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s), in float32
-    (autocast handles mixed precision)."""
+    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s; stretched to its
+    text context when that is longer), in float32 (autocast handles mixed precision)."""
     if config.model_name_or_path is not None:
-        return HfClipModel.from_pretrained(config.model_name_or_path, config=model_config, dtype=torch.float32)
+        return load_at_text_context(config.model_name_or_path, model_config)
     return HfClipModel(model_config)

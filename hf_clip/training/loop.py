@@ -238,6 +238,9 @@ def main(argv: list[str] | None = None) -> None:
                 "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
                 "train_seconds": train_seconds,
                 **skip_metrics(skipped, batches.sources),
+                "truncated_captions": accelerator.reduce(
+                    cursor.truncated_captions.to(accelerator.device), "sum"
+                ).item(),
             }
             if eval_batches is not None and should_eval:
                 embedder.eval()
