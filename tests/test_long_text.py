@@ -27,7 +27,7 @@ from hf_clip.testing_utils import (
 )
 from hf_clip.tokenization_hf_clip import check_tokenizer, tokenize_captions
 from hf_clip.training import TrainConfig, main
-from hf_clip.training.config import architecture
+from hf_clip.training.builders import architecture
 
 WORDS = ["red", "green", "blue", "white", "square", "circle", "photo", "small", "large", "bright", "dark", "striped"]
 WORDS += ["dotted", "shiny"]
