@@ -18,6 +18,7 @@ from .modeling_layers import (
     HfClipVisionTower,
     OutputRecorder,
 )
+from .modeling_long_text import LONG_CLIP_KEPT_POSITIONS
 from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
 from .modeling_vit import HfClipVisionTransformer
@@ -132,6 +133,13 @@ class HfClipModel(HfClipPreTrainedModel):
         recorder = self.output_recorder(output_attentions, output_hidden_states, return_dict)
         features = self.text_model.encode_text(input_ids, attention_mask, position_ids, recorder)
         return recorder.pack(projected(features, self.text_projection))
+
+    def stretch_text_positions(self, new_length: int, kept: int = LONG_CLIP_KEPT_POSITIONS) -> None:
+        """Stretch the text tower's position embeddings to `new_length` tokens by Long-CLIP's rule (first `kept`
+        positions unchanged, the rest interpolated) and record the length in `config.text_config`; see
+        `HfClipTextModel.stretch_text_positions`."""
+        self.text_model.stretch_text_positions(new_length, kept)
+        cast(HfClipTextConfig, self.config.text_config).max_position_embeddings = new_length
 
     def get_packed_text_features(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
@@ -256,6 +264,11 @@ class HfClipTextModelWithProjection(HfClipTextPreTrainedModel):
         self.text_model = HfClipTextModel._from_config(config)
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
         self.post_init()
+
+    def stretch_text_positions(self, new_length: int, kept: int = LONG_CLIP_KEPT_POSITIONS) -> None:
+        """See `HfClipTextModel.stretch_text_positions`."""
+        self.text_model.stretch_text_positions(new_length, kept)
+        self.config.max_position_embeddings = new_length
 
     def encode_text(
         self,

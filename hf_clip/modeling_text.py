@@ -13,6 +13,7 @@ from .modeling_layers import (
     OutputRecorder,
     PackedSequences,
 )
+from .modeling_long_text import LONG_CLIP_KEPT_POSITIONS, stretched_positions
 
 
 class HfClipTextEmbeddings(HfClipEmbeddings):
@@ -26,6 +27,16 @@ class HfClipTextEmbeddings(HfClipEmbeddings):
         init.normal_(self.token_embedding.weight, std=0.02 * factor)
         init.normal_(self.position_embedding.weight, std=0.01 * factor)
         init.copy_(self.position_ids, torch.arange(self.position_ids.shape[-1]).expand((1, -1)))
+
+    def stretch(self, new_length: int, kept: int) -> None:
+        """Replace the position table by its Long-CLIP stretch to `new_length` (`stretched_positions`)."""
+        old = self.position_embedding.weight
+        weight = stretched_positions(old.detach(), new_length, kept)
+        self.position_embedding = nn.Embedding(new_length, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            self.position_embedding.weight.copy_(weight)
+        self.position_embedding.weight.requires_grad_(old.requires_grad)
+        self.position_ids = nn.Buffer(torch.arange(new_length, device=weight.device).expand((1, -1)), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if position_ids is None:
@@ -71,6 +82,17 @@ class HfClipTextModel(HfClipTextPreTrainedModel):
         """Bottom to top, for locking and layer-wise learning-rate decay (`hf_clip.training.finetuning`): the
         embeddings (token, positions), one group per block, and the final LayerNorm."""
         return [[self.embeddings], *[[block] for block in self.encoder.layers], [self.final_layer_norm]]
+
+    def stretch_text_positions(self, new_length: int, kept: int = LONG_CLIP_KEPT_POSITIONS) -> None:
+        """Read text of up to `new_length` tokens: the position embeddings are stretched by Long-CLIP's rule (the
+        first `kept` positions unchanged, the rest linearly interpolated; `hf_clip.modeling_long_text`) and
+        `config.max_position_embeddings` becomes `new_length`, so the saved folder loads at the new length.
+
+        A length below the current context raises `ValueError`; the current length changes nothing. Stretch before
+        building an optimizer (the position table is a new parameter), and give the tokenizer the new length
+        (`check_tokenizer(tokenizer, config)` sets `model_max_length`). Long-CLIP then fine-tunes briefly."""
+        self.embeddings.stretch(new_length, kept)
+        self.config.max_position_embeddings = new_length
 
     def encode_text(
         self,

@@ -12,6 +12,8 @@ Token ids equal open_clip's `SimpleTokenizer` (OpenAI's tokenizer) except at pad
   first end-of-text token, so text features do not depend on the padding id. Pass `pad_token="!"` for OpenAI's
   padded ids exactly.
 - Truncation (`truncation=True`, at most `model_max_length=77`) keeps the end-of-text token last, as OpenAI does.
+  `model_max_length` follows the model's text context (`check_tokenizer`), and `tokenize_captions` counts the
+  captions it cut (or refuses them), so truncation is never silent.
 
 Known residual differences, all outside real captions: code points assigned after Unicode 14 (the `regex` module
 and the tokenizers library's regex engine classify some of them differently), U+0345 (dropped by OpenAI's
@@ -24,15 +26,17 @@ import html
 import importlib.util
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import ftfy
+import numpy as np
+import torch
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
-from transformers import TokenizersBackend
+from transformers import BatchEncoding, TokenizersBackend
 
 VOCAB_FILES_NAMES = {"tokenizer_file": "tokenizer.json"}
 CLIP_BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -43,6 +47,9 @@ CLIP_CONTEXT_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 END_OF_WORD = "</w>"
+# What to do with a caption longer than the context: cut it (keeping the end-of-text token last), or refuse it.
+OverflowPolicy = Literal["truncate", "error"]
+OVERFLOW_POLICIES = ("truncate", "error")
 # OpenAI's word pattern without its special-token alternatives: special tokens in text stay text.
 WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
@@ -202,6 +209,51 @@ def check_tokenizer(tokenizer: TokenizersBackend, config: Any) -> TokenizersBack
     return tokenizer
 
 
+def overlong_captions(
+    tokenizer: Any, texts: Sequence[str], attention_mask: Any | None, max_length: int
+) -> dict[int, int]:
+    """The captions of a batch tokenized with truncation at `max_length` that were cut, as row → untruncated token
+    count. A cut caption fills exactly `max_length` tokens, so only the rows that do (all rows when the batch has no
+    `attention_mask`) are tokenized again, without truncation: counting costs nothing for captions that fit."""
+    if attention_mask is None:
+        lengths = [max_length] * len(texts)
+    elif isinstance(attention_mask, torch.Tensor | np.ndarray):  # return_tensors="pt" / "np"
+        lengths = np.asarray(attention_mask).reshape(len(texts), -1).sum(axis=-1).tolist()
+    else:  # lists, one per caption (or one flat list for a single caption)
+        rows = attention_mask if attention_mask and isinstance(attention_mask[0], list) else [attention_mask]
+        lengths = [sum(row) for row in rows]
+    candidates = [row for row, length in enumerate(lengths) if length >= max_length]
+    if not candidates:
+        return {}
+    full = tokenizer([texts[row] for row in candidates], truncation=False, padding=False, verbose=False)["input_ids"]
+    return {row: len(ids) for row, ids in zip(candidates, full, strict=True) if len(ids) > max_length}
+
+
+def check_overflow(overlong: dict[int, int], max_length: int, on_overflow: OverflowPolicy) -> int:
+    """The number of cut captions; with `on_overflow="error"` a clear error naming them instead."""
+    if on_overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"on_overflow must be one of {OVERFLOW_POLICIES}, got {on_overflow!r}.")
+    if overlong and on_overflow == "error":
+        shown = dict(list(overlong.items())[:8])
+        raise ValueError(
+            f"captions longer than the {max_length} tokens the model reads ({len(overlong)} in all; row: tokens "
+            f"{shown}): shorten them, pass on_overflow='truncate' to cut them (the end-of-text token is kept), or "
+            "stretch the model's context (HfClipModel.stretch_text_positions)."
+        )
+    return len(overlong)
+
+
+def tokenize_captions(
+    tokenizer: Any, captions: Sequence[str], on_overflow: OverflowPolicy = "truncate"
+) -> tuple[BatchEncoding, int]:
+    """`tokenizer(captions, padding=True, truncation=True, return_tensors="pt")` and how many captions were cut to
+    the tokenizer's `model_max_length` (`on_overflow="error"`: a ValueError naming them instead)."""
+    tokens = tokenizer(list(captions), padding=True, truncation=True, return_tensors="pt")
+    max_length = tokenizer.model_max_length
+    overlong = overlong_captions(tokenizer, captions, tokens.get("attention_mask"), max_length)
+    return tokens, check_overflow(overlong, max_length, on_overflow)
+
+
 def _cleaned(text: Any) -> Any:
     """`clean_text` over a string or a (nested) list of strings; anything else raises a clear error."""
     if isinstance(text, str):
@@ -245,4 +297,12 @@ def train_clip_bpe(
     return HfClipTokenizer(vocab=build_clip_vocab(merges), merges=merges, model_max_length=model_max_length)
 
 
-__all__ = ["HfClipTokenizer", "check_tokenizer", "clean_text", "train_clip_bpe"]
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "HfClipTokenizer",
+    "check_tokenizer",
+    "clean_text",
+    "overlong_captions",
+    "tokenize_captions",
+    "train_clip_bpe",
+]

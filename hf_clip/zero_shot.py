@@ -66,7 +66,12 @@ def _feature_method(model: nn.Module, name: str) -> Callable[..., Any]:
 @torch.no_grad()
 def encode_texts(model: nn.Module, tokenizer: Callable[..., Any], texts: list[str]) -> torch.Tensor:
     """Normalised text embeddings (float32) of `texts`; `tokenizer` is a tokenizer or a processor."""
-    tokens = tokenizer(text=texts, padding=True, truncation=True, return_tensors="pt")
+    return encode_text_tokens(model, tokenizer(text=texts, padding=True, truncation=True, return_tensors="pt"))
+
+
+@torch.no_grad()
+def encode_text_tokens(model: nn.Module, tokens: Any) -> torch.Tensor:
+    """Normalised text embeddings (float32) of a tokenized batch (`input_ids`, optionally `attention_mask`)."""
     device = _model_device(model)
     inputs = {name: tokens[name].to(device) for name in ("input_ids", "attention_mask") if name in tokens}
     features = pooled_features(_feature_method(model, "get_text_features")(**inputs)).float()

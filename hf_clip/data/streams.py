@@ -39,6 +39,7 @@ import torch
 from datasets.distributed import split_dataset_by_node
 
 from ..image_processing_hf_clip import load_image_bytes
+from ..tokenization_hf_clip import tokenize_captions
 from .archives import BROKEN_COLUMN, guarded, holds
 from .device_jpegs import DeviceJpeg, DeviceJpegs
 from .formats import DataSpec, open_source
@@ -171,8 +172,9 @@ def sample_seed(*parts: int) -> int:
 
 
 class ClipBatches(torch.utils.data.IterableDataset):
-    """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped"}` for one rank, from the training
-    `sources` (`mixed_stream`).
+    """Full batches of `{"pixel_values", "input_ids", "attention_mask", "skipped", "truncated_captions"}` for one
+    rank, from the training `sources` (`mixed_stream`); `truncated_captions` counts the batch's captions cut to the
+    tokenizer's `model_max_length` (`tokenize_captions`).
 
     Use with `DataLoader(batch_size=None)`: batching happens here, after skipping, so every batch is full (the
     contrastive loss needs the same batch size on every rank). `skipped` (int64, `(len(sources), len(SKIP_REASONS))`)
@@ -269,7 +271,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
     def _collate(
         self, images: list[torch.Tensor | DeviceJpeg], captions: list[str], skipped: list[Counter[str]]
     ) -> dict[str, torch.Tensor]:
-        text = self.tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
+        text, truncated = tokenize_captions(self.tokenizer, captions)
         if self.device_jpegs is None:
             pixels = {"pixel_values": torch.stack(cast(list[torch.Tensor], images))}
         else:
@@ -279,6 +281,7 @@ class ClipBatches(torch.utils.data.IterableDataset):
             "input_ids": text["input_ids"],
             "attention_mask": text["attention_mask"],
             "skipped": self._counts(skipped),
+            "truncated_captions": torch.tensor(truncated),
         }
 
     @staticmethod

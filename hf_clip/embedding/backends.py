@@ -36,6 +36,10 @@ class ClipEncoder(Protocol):
 
     def embed_texts(self, texts: list[str]) -> np.ndarray: ...
 
+    def embed_texts_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """`embed_texts`, and how many texts were truncated to the model's text context."""
+        ...
+
 
 class TorchEncoder:
     """A PyTorch CLIP model (fp32, half precision or int8-quantised) and its processors."""
@@ -50,6 +54,9 @@ class TorchEncoder:
         return image_embeddings(self.model, pixel_values)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.embed_texts_counted(texts)[0]
+
+    def embed_texts_counted(self, texts: list[str]) -> tuple[np.ndarray, int]:
         return text_embeddings(self.model, self.tokenizer, texts)
 
 

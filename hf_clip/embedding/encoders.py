@@ -12,7 +12,8 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 from ..data.fast_preprocessing import FastClipImagePreprocessor
 from ..image_processing_hf_clip import HfClipImageProcessor, load_image_bytes
 from ..saved_folders import check_model_folder
-from ..zero_shot import encode_images, encode_texts
+from ..tokenization_hf_clip import tokenize_captions
+from ..zero_shot import encode_images, encode_text_tokens
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -28,7 +29,8 @@ def load_clip(
     model_path: str, device: torch.device | str = "cpu", dtype: str = "float32", images: bool = True, text: bool = True
 ) -> tuple[Any, Any, Any]:
     """`(model, tokenizer, image_processor)` from an hf_clip or transformers CLIP folder; the parts not asked for
-    are `None` (a folder saved for images only need not hold a tokenizer)."""
+    are `None` (a folder saved for images only need not hold a tokenizer). The tokenizer's `model_max_length` is the
+    model's text context."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}.")
     check_model_folder(model_path)
@@ -37,6 +39,8 @@ def load_clip(
         if not callable(getattr(model, method, None)):
             raise TypeError(f"{model_path} holds a {type(model).__name__}, not a CLIP model (no `{method}`).")
     tokenizer = AutoTokenizer.from_pretrained(model_path) if text else None
+    if tokenizer is not None:  # truncate where the model's context ends (it may have been stretched)
+        tokenizer.model_max_length = model.config.text_config.max_position_embeddings
     image_processor = AutoImageProcessor.from_pretrained(model_path) if images else None
     return model, tokenizer, image_processor
 
@@ -72,6 +76,8 @@ def image_embeddings(model: Any, pixel_values: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def text_embeddings(model: Any, tokenizer: Any, texts: list[str]) -> np.ndarray:
-    """Normalised float32 text embeddings as a NumPy array."""
-    return encode_texts(model, tokenizer, texts).cpu().numpy()
+def text_embeddings(model: Any, tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, int]:
+    """Normalised float32 text embeddings as a NumPy array, and how many texts were truncated to the tokenizer's
+    `model_max_length`."""
+    tokens, truncated = tokenize_captions(tokenizer, texts)
+    return encode_text_tokens(model, tokens).cpu().numpy(), truncated

@@ -11,10 +11,11 @@ read by `hf_clip.data.formats` (local imagefolder, webdataset shards, parquet, a
 images, missing fields, bad or empty captions (when captions are embedded) and broken shards are skipped and counted
 by reason (`hf_clip.data.samples`), never fatal. The output is described in `hf_clip.embedding.layout`; how the input
 is cut into parts, and which process embeds which, in `hf_clip.embedding.samples`. Run again with the same
-arguments, a killed job embeds only the parts it had not
-finished. A progress bar counts the main process's samples; at the end the main process prints and writes
-`summary.json`: parts, stream examples, embedded samples, skipped samples by reason, and this run's samples per
-second (all processes' samples over the slowest one's time).
+arguments, a killed job embeds only the parts it had not finished. A progress bar counts the main process's
+samples; at the end the main process prints and writes
+`summary.json`: parts, stream examples, embedded samples, skipped samples by reason, captions truncated to the
+model's text context (also logged; the tokenizer truncates where the model's context ends), and this run's samples
+per second (all processes' samples over the slowest one's time).
 """
 
 import json
@@ -47,6 +48,8 @@ from .layout import (
     write_part,
 )
 from .samples import PartBatches, count_parts, open_input
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,6 +161,7 @@ class PartBuffer:
         self.keys: list[str] = []
         self.captions: list[str | None] = []
         self.embeddings: dict[str, list[np.ndarray]] = {}
+        self.truncated_captions = 0
 
     def add(self, modality: str, matrix: np.ndarray) -> None:
         self.embeddings.setdefault(modality, []).append(matrix)
@@ -209,14 +213,18 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
             if embed_images:
                 buffer.add("image", encoder.embed_pixel_values(batch["pixel_values"]).astype(output_dtype))
             if embed_texts:
-                buffer.add("text", encoder.embed_texts(batch["captions"]).astype(output_dtype))
+                matrix, truncated = encoder.embed_texts_counted(batch["captions"])
+                buffer.add("text", matrix.astype(output_dtype))
+                buffer.truncated_captions += truncated
             buffer.keys.extend(batch["keys"])
             if batch["captions"] is not None:
                 buffer.captions.extend(batch["captions"])
         bar.update(len(batch["keys"]))
         if batch["end"]:
             del buffers[batch["part"]]
-            record = PartRecord(batch["part"], batch["examples"], len(buffer.keys), batch["skipped"])
+            record = PartRecord(
+                batch["part"], batch["examples"], len(buffer.keys), batch["skipped"], buffer.truncated_captions
+            )
             metadata: dict[str, list] = {KEY_COLUMN: buffer.keys}
             if config.text_column is not None:
                 metadata[CAPTION_COLUMN] = buffer.captions
@@ -249,6 +257,11 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
         "samples_per_second": round(run_samples / slowest, 2) if slowest > 0 else None,
     }
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["truncated_captions"]:
+        logger.warning(
+            "%d captions were longer than the model's text context and were truncated before embedding.",
+            summary["truncated_captions"],
+        )
     return summary
 
 

@@ -10,7 +10,8 @@
 N is the part number, zero-padded to six digits so that the three folders sort alike. A part is written
 embeddings first and metadata last, each file under a temporary name renamed into place, so a part is finished
 exactly when its metadata file exists: a killed job leaves no half-written part that a resumed one would trust.
-Each metadata file carries the part's counts (stream examples covered, samples skipped by reason) in its parquet
+Each metadata file carries the part's counts (stream examples covered, samples skipped by reason, captions
+truncated) in its parquet
 schema metadata, so totals survive resumption without a separate ledger.
 """
 
@@ -37,12 +38,14 @@ RECORD_METADATA_KEY = b"hf_clip_part"
 
 @dataclass
 class PartRecord:
-    """What one part covered: `examples` stream examples, of which `samples` were embedded and the rest skipped."""
+    """What one part covered: `examples` stream examples, of which `samples` were embedded and the rest skipped;
+    `truncated_captions` of the embedded captions were cut to the model's text context."""
 
     number: int
     examples: int
     samples: int
     skipped: dict[str, int] = field(default_factory=dict)
+    truncated_captions: int = 0  # absent from parts written before it was counted
 
 
 def part_name(number: int) -> str:
@@ -130,7 +133,8 @@ def load_embeddings(folder: str | Path, modality: str = "image") -> tuple[np.nda
 
 
 def summarize(folder: str | Path) -> dict[str, object]:
-    """Totals over the finished parts: parts, stream examples, embedded samples and skipped samples by reason."""
+    """Totals over the finished parts: parts, stream examples, embedded samples, skipped samples by reason and
+    truncated captions."""
     records = [read_record(folder, number) for number in finished_parts(folder)]
     skipped: dict[str, int] = {}
     for record in records:
@@ -141,4 +145,5 @@ def summarize(folder: str | Path) -> dict[str, object]:
         "examples": sum(record.examples for record in records),
         "samples": sum(record.samples for record in records),
         "skipped": skipped,
+        "truncated_captions": sum(record.truncated_captions for record in records),
     }

@@ -10,6 +10,7 @@ finds similar images.
 """
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from transformers.hf_argparser import DataClassType
 from .backends import BACKENDS, ClipEncoder, load_encoder
 from .encoders import ImageInput
 from .index import EmbeddingIndex
+
+logger = logging.getLogger(__name__)
 
 
 class ClipSearcher:
@@ -53,7 +56,10 @@ class ClipSearcher:
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"the text query must be a non-empty string, got {text!r}.")
-            return self.encoder.embed_texts([text])
+            embedding, truncated = self.encoder.embed_texts_counted([text])
+            if truncated:
+                logger.warning("the query is longer than the model's text context: truncated.")
+            return embedding
         assert image is not None
         name = str(image) if isinstance(image, str) else "query image"
         preprocess = self.encoder.preprocess

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from ..embedding.encoders import ImageInput, ImagePreprocessor
+from ..tokenization_hf_clip import tokenize_captions
 from .folders import TEXT_FILE, VISION_FILE, quantization
 
 
@@ -75,9 +76,13 @@ class OnnxClipEmbedder:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(batch, dim) normalised embeddings of texts (padded to the longest, truncated to the context)."""
+        return self.embed_texts_counted(texts)[0]
+
+    def embed_texts_counted(self, texts: Sequence[str]) -> tuple[np.ndarray, int]:
+        """`embed_texts`, and how many of the texts were truncated to the tokenizer's context."""
         if isinstance(texts, str) or not texts:
             raise ValueError("pass a non-empty list of texts.")
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="np")
-        inputs = {name: np.asarray(tokens[name], dtype=np.int64) for name in ("input_ids", "attention_mask")}
+        tokens, truncated = tokenize_captions(self.tokenizer, list(texts))
+        inputs = {name: tokens[name].numpy().astype(np.int64) for name in ("input_ids", "attention_mask")}
         (embeds,) = self._session(self.text_session, TEXT_FILE).run(None, inputs)
-        return embeds
+        return embeds, truncated

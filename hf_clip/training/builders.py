@@ -5,7 +5,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, TokenizersBackend
 
 from ..configuration_hf_clip import HfClipConfig
@@ -17,6 +16,7 @@ from ..processing_hf_clip import HfClipProcessor
 from ..saved_folders import check_model_folder
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 from .config import TrainConfig
+from .text_context import apply_text_context_length, load_at_text_context
 
 # SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
 SIGLIP_LOGIT_SCALE_INIT = math.log(10)
@@ -63,6 +63,7 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
         vision_config = model_config.tower_configs()[1]
         vision_config.patch_dropout = config.patch_dropout
         vision_config.validate_architecture()
+    apply_text_context_length(model_config, config.text_context_length, config.model_name_or_path is not None)
     return model_config
 
 
@@ -76,8 +77,8 @@ def build_processor(model_config: HfClipConfig, tokenizer: TokenizersBackend) ->
 
 
 def build_model(config: TrainConfig, model_config: HfClipConfig) -> HfClipModel:
-    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s), in float32
-    (autocast handles mixed precision)."""
+    """A new model (OpenAI initialisation) or the saved one with `model_config` (`architecture`'s; stretched to its
+    text context when that is longer), in float32 (autocast handles mixed precision)."""
     if config.model_name_or_path is not None:
-        return HfClipModel.from_pretrained(config.model_name_or_path, config=model_config, dtype=torch.float32)
+        return load_at_text_context(config.model_name_or_path, model_config)
     return HfClipModel(model_config)

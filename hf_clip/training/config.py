@@ -33,6 +33,14 @@ class TrainConfig:
         default=None,
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
     )
+    text_context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens the text tower reads (the tokenizer truncates there). From scratch: the context; "
+            "fine-tuning: a longer context, the saved position embeddings stretched by Long-CLIP's rule (never "
+            "shorter). Default: the model's (77)."
+        },
+    )
     # Data: one source (the fields below) or several mixed by weight (`train_sources`).
     train_data_format: DataFormatName = field(
         default="webdataset", metadata={"help": "webdataset | parquet | imagefolder | arrow | csv"}

@@ -288,6 +288,7 @@ def log_and_evaluate(
         "samples_per_second": window.steps * samples_per_step / (time.perf_counter() - window.start),
         "train_seconds": train_seconds,
         **skip_metrics(skipped, run.batches.sources),
+        "truncated_captions": accelerator.reduce(cursor.truncated_captions.to(accelerator.device), "sum").item(),
     }
     if evaluate and run.eval_batches is not None:
         run.embedder.eval()

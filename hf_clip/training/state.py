@@ -41,8 +41,9 @@ logger = logging.getLogger(__name__)
 
 
 class DataCursor:
-    """This rank's position in its data stream: epoch, batches taken in it, and skip counts so far, one row of
-    `SKIP_REASONS` per training source (`skipped` as nested lists, as `state` writes them)."""
+    """This rank's position in its data stream: epoch, batches taken in it, skip counts so far, one row of
+    `SKIP_REASONS` per training source (`skipped` as nested lists, as `state` writes them), and the number of
+    captions truncated to the text context so far."""
 
     def __init__(
         self,
@@ -50,9 +51,11 @@ class DataCursor:
         batches_in_epoch: int = 0,
         skipped: list[list[int]] | list[int] | None = None,
         num_sources: int = 1,
+        truncated_captions: int = 0,
     ):
         self.epoch = epoch
         self.batches_in_epoch = batches_in_epoch
+        self.truncated_captions = torch.tensor(truncated_captions, dtype=torch.int64)
         shape = (num_sources, len(SKIP_REASONS))
         if skipped is None:
             self.skipped = torch.zeros(shape, dtype=torch.int64)
@@ -70,7 +73,12 @@ class DataCursor:
         self.skipped = counts
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped": self.skipped.tolist()}
+        return {
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "skipped": self.skipped.tolist(),
+            "truncated_captions": int(self.truncated_captions),
+        }
 
     def stream(
         self, batches: ClipBatches, loader: torch.utils.data.DataLoader, rank: int
@@ -85,6 +93,7 @@ class DataCursor:
             for batch in iterator:
                 self.batches_in_epoch += 1  # counts loader items (also skip-only records): what replay consumes
                 self.skipped += batch.pop("skipped")
+                self.truncated_captions += batch.pop("truncated_captions", 0)  # skip-only records have none
                 if batch:
                     trained = True
                     yield batch
