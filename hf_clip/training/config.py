@@ -90,6 +90,13 @@ class TrainConfig:
             "-10; a new model's temperature starts at ln 10) stored in the model."
         },
     )
+    loss_tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss in blocks of loss_tile_size² logits (hf_clip.tiled_loss: same value and "
+            "gradients, memory O(batch·dim + tile²) instead of O(batch²)), e.g. 1024. Default: the dense loss."
+        },
+    )
     learning_rate: float = 5e-4
     weight_decay: float = 0.2
     adam_beta1: float = 0.9
@@ -184,6 +191,8 @@ class TrainConfig:
             raise ValueError("templates is empty.")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+        if self.loss_tile_size is not None and self.loss_tile_size < 1:
+            raise ValueError(f"loss_tile_size must be positive, got {self.loss_tile_size}.")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:

@@ -148,7 +148,11 @@ def main(argv: list[str] | None = None) -> None:
         optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps, config.decay_steps()
     )
     embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model, frozen_batchnorms), optimizer, scheduler)
-    loss_fn: TrainingLoss = ClipLoss() if config.loss == "softmax" else SigLipLoss()
+    loss_fn: TrainingLoss = (
+        ClipLoss(tile_size=config.loss_tile_size)
+        if config.loss == "softmax"
+        else SigLipLoss(tile_size=config.loss_tile_size)
+    )
     step_loss = plain_loss
     if on_cuda if config.torch_compile is None else config.torch_compile:
         # Forward and loss as one graph (it compiles without graph breaks); backward through AOTAutograd. Cached
