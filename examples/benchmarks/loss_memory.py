@@ -75,6 +75,52 @@ def run_point(name: str, batch: int, dim: int, tile_size: int) -> dict:
     }
 
 
+def device_points(device: str, batches: list[int], dim: int, tile_size: int, limit_gb: float) -> list[dict]:
+    """`make gpu-check`'s loss-memory stage: the same losses on `device` in one process, peak memory from
+    `torch.cuda.max_memory_allocated` above the features (CUDA only), and inf-cl's `cal_inf_loss` where it imports."""
+    try:
+        from inf_cl import cal_inf_loss
+    except ImportError as error:
+        cal_inf_loss, inf_cl_error = None, repr(error)[:200]
+    rows = []
+    for batch in batches:
+        generator = torch.Generator(device).manual_seed(0)
+        images, texts = (
+            torch.nn.functional.normalize(torch.randn(batch, dim, generator=generator, device=device), dim=-1)
+            for _ in range(2)
+        )
+        for name in (*LOSSES, "inf_cl"):
+            estimate_gb = DENSE_MATRICES.get(name, 0) * batch**2 * 4 / 1e9
+            if estimate_gb > limit_gb or (name == "inf_cl" and cal_inf_loss is None):
+                reason = f"estimated {estimate_gb:.0f} GB" if name != "inf_cl" else inf_cl_error
+                rows.append({"loss": name, "batch": batch, "skipped": reason})
+                continue
+            inputs = [images.clone().requires_grad_(), texts.clone().requires_grad_()]
+            scale = torch.tensor(14.3, device=device, requires_grad=True)
+            bias = torch.tensor(-10.0, device=device, requires_grad=True)
+            if name == "inf_cl":  # one direction per call: image→text and text→image, as its README's CLIP loss
+                loss_fn = lambda i, t, s: (cal_inf_loss(i, t, scale=s) + cal_inf_loss(t, i, scale=s)) / 2  # noqa: E731
+            else:
+                loss_fn = make_loss(name, tile_size)
+            extra = (bias,) if "siglip" in name else ()
+            loss_fn(inputs[0][:64], inputs[1][:64], scale, *extra).backward()  # warm-up
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
+            start = time.perf_counter()
+            loss = loss_fn(*inputs, scale, *extra)
+            loss.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row = {"loss": name, "batch": batch, "seconds": time.perf_counter() - start, "value": loss.item()}
+            if device == "cuda":
+                row["loss_memory_mb"] = (torch.cuda.max_memory_allocated() - baseline) / 2**20
+            rows.append(row)
+            del inputs, loss
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
@@ -104,7 +150,8 @@ def main() -> None:
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     with open(args.output, "w") as file:
-        json.dump({"dim": args.dim, "tile_size": args.tile_size, "threads": args.threads, "points": rows}, file, indent=1)
+        summary = {"dim": args.dim, "tile_size": args.tile_size, "threads": args.threads, "points": rows}
+        json.dump(summary, file, indent=1)
 
 
 if __name__ == "__main__":
