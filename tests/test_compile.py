@@ -7,9 +7,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from hf_clip import ClipLoss, HfClipModel
+from hf_clip.data.batches import device_text
 from hf_clip.data.text_batching import trim_to_longest
 from hf_clip.testing_utils import TINY_RESNET, TINY_VIT, random_text, tiny_config
-from hf_clip.training.batches import device_text
 from hf_clip.training.steps import ClipEmbedder, plain_loss
 
 LENGTHS = [5, 9, 3, 16]

@@ -136,7 +136,13 @@ def test_job_writes_clip_retrieval_layout_and_counts_skips(single_run, shards, m
     np.testing.assert_allclose(text_embeds, expected_texts, rtol=0, atol=2e-3)
 
     assert json.loads((output_dir / "summary.json").read_text()) == summary
-    assert summary["skipped"] == {"bad_image": 1, "empty_caption": 1, "missing_field": 0, "broken_shard": 1}
+    assert summary["skipped"] == {
+        "bad_image": 1,
+        "empty_caption": 1,
+        "missing_field": 0,
+        "broken_shard": 1,
+        "bad_caption": 0,
+    }
     assert summary["samples"] == len(keys) == 10 and summary["examples"] == len(keys) + 2
     assert summary["this_run"]["parts_embedded"] == 3 and summary["this_run"]["samples"] == len(keys)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_clip import HfClipImageProcessor
-from hf_clip.data.streams import DataSpec, load_stream
+from hf_clip.data.formats import DataSpec, load_stream
 from hf_clip.demo.icons import (
     TEMPLATES,
     caption_text,
@@ -121,7 +121,7 @@ def test_icon_shards_hold_each_icon_once_with_a_caption_the_stream_reads(icon_tr
 
     # The training loop's reader decodes them, transparency and all, into the processor's pixels.
     rows = list(load_stream(DataSpec("webdataset", paths, "png", "txt")))
-    assert sorted(row["txt"] for row in rows) == sorted(captions)
+    assert sorted(row["txt"].decode() for row in rows) == sorted(captions)  # captions stay bytes until decoded
     processor = HfClipImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     images = [PIL.Image.open(io.BytesIO(row["png"]["bytes"])) for row in rows]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]

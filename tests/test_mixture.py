@@ -17,7 +17,9 @@ import torch
 
 from hf_clip import HfClipImageProcessor, HfClipTokenizer, train_clip_bpe
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
-from hf_clip.data.streams import SKIP_REASONS, ClipBatches, DataSpec, mixed_stream, random_crop, skip_metrics
+from hf_clip.data.formats import DataSpec
+from hf_clip.data.samples import SKIP_REASONS
+from hf_clip.data.streams import ClipBatches, mixed_stream, random_crop, skip_metrics
 from hf_clip.synthetic import jpeg_bytes, write_webdataset_shard
 from hf_clip.training.state import DataCursor
 
@@ -158,7 +160,7 @@ def test_skips_are_counted_under_their_source(tmp_path, tokenizer):
     ]
     taken, skipped = drain(clip_batches(sources, tokenizer))
     assert taken
-    assert skipped.tolist() == [[0, 0, 0, 0], [2, 1, 1, 0]]
+    assert skipped.tolist() == [[0, 0, 0, 0, 0], [2, 1, 1, 0, 0]]
     metrics = skip_metrics(skipped, sources)
     assert metrics["skipped_samples"] == 4 and metrics["skipped/bad_image"] == 2
     assert metrics["skipped/damaged/bad_image"] == 2 and metrics["skipped/damaged/empty_caption"] == 1
@@ -167,7 +169,7 @@ def test_skips_are_counted_under_their_source(tmp_path, tokenizer):
     # One source: the totals only, as before sources were mixed.
     assert skip_metrics(skipped[1:], sources[1:]) == {
         "skipped_samples": 4,
-        **{f"skipped/{reason}": n for reason, n in zip(SKIP_REASONS, [2, 1, 1, 0], strict=True)},
+        **{f"skipped/{reason}": n for reason, n in zip(SKIP_REASONS, [2, 1, 1, 0, 0], strict=True)},
     }
 
 
@@ -209,20 +211,21 @@ def test_mixed_stream_is_deterministic_per_epoch_and_ranks_are_disjoint(tmp_path
 
 
 def test_data_cursor_keeps_counts_per_source():
-    counts = [torch.tensor([[1, 0, 0, 0], [0, 2, 0, 0]]), torch.tensor([[0, 0, 0, 1], [3, 0, 0, 0]])]
+    counts = [torch.tensor([[1, 0, 0, 0, 0], [0, 2, 0, 0, 0]]), torch.tensor([[0, 0, 0, 1, 0], [3, 0, 0, 0, 0]])]
     nothing = torch.zeros(2, len(SKIP_REASONS), dtype=torch.int64)
     records = [{"input_ids": 1, "skipped": counts[0]}, {"skipped": counts[1]}, {"input_ids": 2, "skipped": nothing}]
     cursor = DataCursor(num_sources=2)
     stream = cursor.stream(SimpleNamespace(set_epoch=lambda epoch: None), records, rank=0)
     assert [next(stream), next(stream)] == [{"input_ids": 1}, {"input_ids": 2}]  # the skip-only record counts too
-    assert cursor.skipped.tolist() == [[1, 0, 0, 1], [3, 2, 0, 0]] and cursor.batches_in_epoch == 3
+    assert cursor.skipped.tolist() == [[1, 0, 0, 1, 0], [3, 2, 0, 0, 0]] and cursor.batches_in_epoch == 3
     state = json.loads(json.dumps(cursor.state()))
-    assert state == {"epoch": 0, "batches_in_epoch": 3, "skipped": [[1, 0, 0, 1], [3, 2, 0, 0]]}
+    assert state == {"epoch": 0, "batches_in_epoch": 3, "skipped": [[1, 0, 0, 1, 0], [3, 2, 0, 0, 0]]}
     restored = DataCursor(**state, num_sources=2)
     assert torch.equal(restored.skipped, cursor.skipped) and restored.batches_in_epoch == 3
     with pytest.raises(ValueError, match="resume with the sources"):
         DataCursor(**state, num_sources=3)
-    assert DataCursor(skipped=[4, 0, 1, 0], num_sources=1).skipped.tolist() == [[4, 0, 1, 0]]  # a flat row
+    # A flat row of an older checkpoint, written before bad_caption was counted.
+    assert DataCursor(skipped=[4, 0, 1, 0], num_sources=1).skipped.tolist() == [[4, 0, 1, 0, 0]]
     assert DataCursor(num_sources=3).skipped.tolist() == [[0] * len(SKIP_REASONS)] * 3
 
 
@@ -236,7 +239,7 @@ def test_data_cursor_keeps_counts_per_source():
         ({"weight": -1.0}, "positive and finite"),
         ({"weight": float("inf")}, "positive and finite"),
         ({"weight": float("nan")}, "positive and finite"),
-        ({"text_column": None}, "'table': training data needs a caption column"),
+        ({"data_format": "tsv"}, "'table': data_format must be one of"),
         ({"image_column": "photo"}, r"source 'table': columns \['photo'\] are not in the data"),
     ],
 )

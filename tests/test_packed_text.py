@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_clip import ClipLoss, HfClipModel, clip_loss
+from hf_clip.data.batches import device_text
 from hf_clip.data.text_batching import pack_text
 from hf_clip.modeling_layers import VARLEN_CAUSAL_KWARGS, uses_varlen_kernel, varlen_attn
 from hf_clip.testing_utils import TINY_TEXT, random_text, tiny_config
-from hf_clip.training.batches import device_text
 from hf_clip.training.steps import ClipEmbedder, cached_accumulation_backward, plain_loss
 
 EOS = TINY_TEXT["eos_token_id"]

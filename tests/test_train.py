@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from hf_clip import ClipLoss, HfClipImageProcessor, HfClipModel, HfClipTokenizer, train_clip_bpe
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
-from hf_clip.data.streams import SKIP_REASONS, ClipBatches, DataSpec, random_crop
+from hf_clip.data.formats import DataSpec
+from hf_clip.data.samples import SKIP_REASONS
+from hf_clip.data.streams import ClipBatches, random_crop
 from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
 from hf_clip.training import TrainConfig, main, parse_config
 from hf_clip.training.config import architecture
@@ -118,7 +120,7 @@ def test_webdataset_stream_skips_and_counts_damaged_samples(shards, tokenizer):
     # are converted to RGB. 21 usable → 5 full batches (1 left over).
     assert len(taken) == 5
     assert all(batch["pixel_values"].shape == (4, 3, 16, 16) for batch in taken)
-    assert skipped == {"bad_image": 2, "empty_caption": 1, "missing_field": 0, "broken_shard": 0}
+    assert skipped == {"bad_image": 2, "empty_caption": 1, "missing_field": 0, "broken_shard": 0, "bad_caption": 0}
 
 
 def test_parquet_and_imagefolder_with_rgba_and_palette(tmp_path, tokenizer):

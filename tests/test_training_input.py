@@ -18,12 +18,13 @@ from PIL import ExifTags
 
 from hf_clip import HfClipImageProcessor, HfClipTokenizer, train_clip_bpe
 from hf_clip.data.device_decoding import DeviceImagePreprocessor
+from hf_clip.data.device_jpegs import DeviceJpegs, device_images
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
-from hf_clip.data.streams import ClipBatches, DataSpec, DeviceJpegs, random_crop
+from hf_clip.data.formats import DataSpec
+from hf_clip.data.streams import ClipBatches, random_crop
 from hf_clip.synthetic import jpeg_bytes, photo_like
 from hf_clip.testing_utils import HIDE_TORCHVISION
 from hf_clip.training import TrainConfig
-from hf_clip.training.batches import device_images
 from hf_clip.training.loop import train_batches
 
 # Resize to 40, crop 32: both crop offsets are drawn from a real range, so a swapped or shifted offset shows.

@@ -220,8 +220,8 @@ def sync_check(work: Path, device: str) -> None:
     import torch
 
     from hf_clip import ClipLoss, HfClipConfig, HfClipModel
+    from hf_clip.data.batches import device_text
     from hf_clip.synthetic import random_captions
-    from hf_clip.training.batches import device_text
     from hf_clip.training.steps import ClipEmbedder, build_optimizer, clamp_logit_scale_, plain_loss
 
     config = HfClipConfig.from_json_file(BENCHMARKS / "tiny-vit.json")

@@ -32,7 +32,8 @@ import torch
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
 from hf_clip import FastClipImagePreprocessor, HfClipImageProcessor
-from hf_clip.data.streams import DeviceJpegs, random_crop, sample_seed
+from hf_clip.data.device_jpegs import DeviceJpegs
+from hf_clip.data.streams import random_crop, sample_seed
 from hf_clip.image_processing_hf_clip import load_image_bytes
 from hf_clip.synthetic import photo_jpegs
 

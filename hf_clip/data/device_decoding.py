@@ -11,7 +11,7 @@ nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's. Evaluation stay
 (`HfClipImageProcessor` or `hf_clip.data.fast_preprocessing.FastClipImagePreprocessor`).
 
 In training (`TrainConfig.image_decoding="device"`) the data workers check each JPEG, draw its crop offsets and ship
-the bytes (`hf_clip.data.streams.DeviceJpegs`); `random_crops` decodes and crops them on the device.
+the bytes (`hf_clip.data.device_jpegs.DeviceJpegs`); `random_crops` decodes and crops them on the device.
 `examples/benchmarks/device_decoding.py` measures the difference from the exact path and the GPU rate.
 """
 
@@ -99,7 +99,7 @@ class DeviceImagePreprocessor:
         self, jpegs: Sequence[torch.Tensor], orientations: Sequence[int], offsets: Sequence[Sequence[int]]
     ) -> torch.Tensor:
         """Training crops of JPEGs given as 1-D uint8 CPU tensors, with their EXIF orientations and the `(top, left)`
-        offsets already drawn in the resized upright image (`hf_clip.data.streams.DeviceJpegs` draws them)."""
+        offsets already drawn in the resized upright image (`hf_clip.data.device_jpegs.DeviceJpegs` draws them)."""
         return self._crops(self.decode(jpegs, orientations), offsets)
 
     def decode(self, jpegs: Sequence[torch.Tensor], orientations: Sequence[int]) -> list[torch.Tensor]:

@@ -5,8 +5,9 @@
         --data_files 'shards/*.tar' --text_column txt --embed image text --output_dir embeddings/
 
 `--model` is an hf_clip or transformers CLIP folder (model, tokenizer, image processor). The input is read by
-`hf_clip.data.streams` (local imagefolder, webdataset shards or parquet); undecodable images, missing fields, empty
-captions (when captions are embedded) and broken shards are skipped and counted by reason, never fatal. The output
+`hf_clip.data.formats` (local imagefolder, webdataset shards, parquet, arrow folders or csv); undecodable images,
+missing fields, bad or empty captions (when captions are embedded) and broken shards are skipped and counted by
+reason (`hf_clip.data.samples`), never fatal. The output
 is described in `hf_clip.embedding.layout`; how the input is cut into parts, and which process embeds which, in
 `hf_clip.embedding.samples`. Run again with the same arguments, a killed job embeds only the parts it had not
 finished. A progress bar counts the main process's samples; at the end the main process prints and writes
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
-from ..data.streams import DATA_FORMATS, DataSpec
+from ..data.formats import DataFormatName, DataSpec, data_format, resolve_files
 from .encoders import (
     NUMPY_DTYPES,
     TORCH_DTYPES,
@@ -50,9 +51,7 @@ from .layout import (
     summarize,
     write_part,
 )
-from .samples import PartBatches, count_parts, resolve_data_files
-
-DEFAULT_IMAGE_COLUMNS = {"imagefolder": "image", "webdataset": "jpg", "parquet": "image"}
+from .samples import PartBatches, count_parts, open_input
 
 
 @dataclass
@@ -60,12 +59,14 @@ class EmbedConfig:
     """Every setting of an embedding job (command line: `--name value`)."""
 
     model: str = field(metadata={"help": "An hf_clip or transformers CLIP folder (model, tokenizer, processor)."})
-    data_format: str = field(metadata={"help": "imagefolder | webdataset | parquet"})
-    data_files: list[str] = field(metadata={"help": "The imagefolder's directory, or webdataset / parquet globs."})
+    data_format: DataFormatName = field(metadata={"help": "imagefolder | webdataset | parquet | arrow | csv"})
+    data_files: list[str] = field(
+        metadata={"help": "The imagefolder's or arrow (save_to_disk) folder, or webdataset / parquet / csv globs."}
+    )
     output_dir: str = field(metadata={"help": "Where img_emb/, text_emb/ and metadata/ are written."})
     embed: list[str] = field(default_factory=lambda: ["image"], metadata={"help": "image and/or text"})
     image_column: str | None = field(
-        default=None, metadata={"help": "Default: image (imagefolder, parquet), jpg (webdataset)."}
+        default=None, metadata={"help": "Default: the format's (hf_clip.data.formats), e.g. jpg for webdataset."}
     )
     text_column: str | None = field(default=None, metadata={"help": "Caption column, kept in the metadata."})
     key_column: str | None = field(
@@ -76,17 +77,16 @@ class EmbedConfig:
     part_size: int = field(
         default=1000,
         metadata={
-            "help": "Images per part of an imagefolder (other formats: one part per file). A worker decodes whole "
-            "parts, and a killed job redoes at most its unfinished ones: smaller parts, more parallelism and less "
-            "redone, more files."
+            "help": "Images per part of an imagefolder or arrow folder (other formats: one part per file). A worker "
+            "decodes whole parts, and a killed job redoes at most its unfinished ones: smaller parts, more "
+            "parallelism and less redone, more files."
         },
     )
     output_dtype: str = field(default="float16", metadata={"help": "float16 | float32"})
     model_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
 
     def __post_init__(self) -> None:
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}.")
+        data_format(self.data_format)  # a known format, or a clear error
         if not self.embed or not set(self.embed) <= set(MODALITIES):
             raise ValueError(f"embed must name one or both of {MODALITIES}, got {self.embed}.")
         if "text" in self.embed and self.text_column is None:
@@ -97,7 +97,6 @@ class EmbedConfig:
             raise ValueError(f"model_dtype must be one of {list(TORCH_DTYPES)}, got {self.model_dtype!r}.")
         if self.batch_size < 1 or self.part_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size and part_size must be positive and num_workers non-negative.")
-        self.image_column = self.image_column or DEFAULT_IMAGE_COLUMNS[self.data_format]
 
 
 # The settings that decide what the parts hold: a resumed job must not mix parts made under other ones.
@@ -138,7 +137,7 @@ def check_resumable(output_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def check_complete(output_dir: Path, config: EmbedConfig, num_parts: int | None) -> None:
-    """Every part exists: 0…P-1 for P input files; for an imagefolder, parts 0…P-1 with only the last one short."""
+    """Every part exists: 0…P-1 for P input files; for input cut by rows, parts 0…P-1 with only the last one short."""
     numbers = finished_parts(output_dir)
     if num_parts is not None:
         missing = sorted(set(range(num_parts)) - set(numbers))
@@ -167,10 +166,10 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
     """Embeds this process's unfinished parts; the main process returns the summary (the others an empty dict)."""
     accelerator = accelerator or Accelerator()
     output_dir = Path(config.output_dir)
-    data_files = resolve_data_files(config.data_format, config.data_files)
-    assert config.image_column is not None  # set by __post_init__
-    spec = DataSpec(config.data_format, data_files, config.image_column, config.text_column)
-    num_parts = count_parts(spec, config.key_column)  # checks the columns
+    data_files = resolve_files(config.data_format, config.data_files)
+    given = DataSpec(config.data_format, data_files, config.image_column, config.text_column)
+    spec = open_input(given, config.key_column).spec  # the columns checked, the image column's default filled
+    num_parts = count_parts(spec, config.key_column)
     settings = job_settings(config, data_files)
     check_resumable(output_dir, settings)  # every process, before anything is written: they fail together
     embed_images, embed_texts = "image" in config.embed, "text" in config.embed

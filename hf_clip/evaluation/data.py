@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from datasets import ClassLabel, Dataset, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset, load_from_disk
 
-DATA_FORMATS = ("imagefolder", "webdataset", "parquet")
-LABEL_COLUMNS = ("label", "cls")
-CAPTION_COLUMNS = ("caption", "captions", "txt", "text")
+from ..data.formats import DataFormatName, data_format, load_split, resolve_files
+
 CLIP_BENCHMARK_TEMPLATES = "en_zeroshot_classification_templates.json"
 CLIP_BENCHMARK_CLASSNAMES = "en_classnames.json"
 
@@ -31,7 +30,7 @@ class ListSources(Protocol):
 class SplitSources(Protocol):
     """Where the evaluation splits come from (the fields of `EvalConfig` that name them)."""
 
-    data_format: str
+    data_format: DataFormatName
     data_dir: str | None
     data_files: list[str] | None
     split: str
@@ -88,21 +87,38 @@ def resolve_templates(config: ListSources) -> list[str]:
 
 
 def load_splits(config: SplitSources) -> dict[str, Dataset]:
-    data_files: dict[str, list[str]] | None = None
+    """The splits the tasks need, from `data_files` (`split=glob` entries; a bare glob is `config.split`) through the
+    format table, or from `data_dir` (a folder whose files or sub-folders `datasets` names by split)."""
+    fmt = data_format(config.data_format)
+    needed = list(dict.fromkeys([config.split] + ([config.train_split] if "linear_probe" in config.tasks else [])))
     if config.data_files:
-        data_files = {}
+        patterns: dict[str, list[str]] = {}
         for entry in config.data_files:
             split, _, pattern = entry.partition("=") if "=" in entry else (config.split, "", entry)
-            data_files.setdefault(split, []).append(pattern)
-    splits = load_dataset(config.data_format, data_dir=config.data_dir, data_files=data_files)
-    needed = [config.split] + ([config.train_split] if "linear_probe" in config.tasks else [])
+            patterns.setdefault(split, []).append(pattern)
+        available = sorted(patterns)
+        splits = {
+            name: load_split(fmt.name, resolve_files(fmt.name, patterns[name], f"split {name!r}"), name)
+            for name in needed
+            if name in patterns
+        }
+    else:
+        if fmt.name == "csv":
+            raise ValueError("csv data is given as files (--data_files 'split=pattern'), not --data_dir.")
+        loaded = (
+            load_from_disk(config.data_dir)
+            if fmt.name == "arrow"
+            else load_dataset(fmt.name, data_dir=config.data_dir)
+        )
+        if not isinstance(loaded, DatasetDict):
+            loaded = DatasetDict({"train": loaded})
+        available = sorted(loaded)
+        splits = {name: loaded[name] for name in needed if name in loaded}
     if missing := [name for name in needed if name not in splits]:
-        raise ValueError(f"Splits {missing} not found; the data has {sorted(splits)}.")
-    result = {}
-    for name in dict.fromkeys(needed):
-        split = splits[name]
-        result[name] = split.select(range(min(config.max_samples, len(split)))) if config.max_samples else split
-    return result
+        raise ValueError(f"Splits {missing} not found; the data has {available} (choose one with --split).")
+    if config.max_samples:
+        splits = {name: split.select(range(min(config.max_samples, len(split)))) for name, split in splits.items()}
+    return splits
 
 
 def find_column(dataset: Dataset, given: str | None, candidates: tuple[str, ...], what: str) -> str:

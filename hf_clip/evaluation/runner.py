@@ -4,9 +4,10 @@
         --data_dir path/to/data --dataset_name cifar10 --tasks zero_shot linear_probe --output_file results.json
 
 `--model` is a folder with the model (HfClipModel or transformers' CLIPModel), tokenizer and image processor.
-Data is read with `datasets.load_dataset(data_format, data_dir=..., data_files=...)` from local files:
-"imagefolder" (class folders), "webdataset" (tar shards: image + `cls` and/or `txt`) or "parquet" (an image column
-and a label and/or caption column). Columns are detected (first Image feature; `label`/`cls`; `caption`/
+Data is read with `datasets` (`hf_clip.data.formats`, `load_split`) from local files:
+"imagefolder" (class folders), "webdataset" (tar shards: image + `cls` and/or `txt`), "parquet" (an image column
+and a label and/or caption column), "arrow" (a `save_to_disk` folder) or "csv" (image paths and captions; see
+`hf_clip.data.formats`). Columns are detected (first Image feature; `label`/`cls`; `caption`/
 `captions`/`txt`/`text`, each a string or a list of strings) or named with `--*_column`. Class names and templates
 come from `--classnames_file` / `--templates_file` (JSON list, JSON object keyed by dataset name, or one per line),
 else from the installed `clip-benchmark` package's published lists for `--dataset_name`, else (class names only)
@@ -44,11 +45,9 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
+from ..data.formats import LABEL_COLUMNS, TEXT_COLUMNS, DataFormatName, data_format
 from ..zero_shot import ZeroShotClassifier, encode_images, encode_texts
 from .data import (
-    CAPTION_COLUMNS,
-    DATA_FORMATS,
-    LABEL_COLUMNS,
     IndexedImages,
     caption_pairs,
     find_column,
@@ -64,7 +63,7 @@ TASKS = ("zero_shot", "retrieval", "linear_probe")
 @dataclass
 class EvalConfig:
     model: str = field(metadata={"help": "Folder with the model, tokenizer and image processor."})
-    data_format: str = field(metadata={"help": "imagefolder | webdataset | parquet"})
+    data_format: DataFormatName = field(metadata={"help": "imagefolder | webdataset | parquet | arrow | csv"})
     data_dir: str | None = None
     data_files: list[str] | None = field(default=None, metadata={"help": "Globs, each optionally 'split=glob'."})
     split: str = "test"
@@ -87,8 +86,7 @@ class EvalConfig:
     output_file: str = "eval_results.json"
 
     def __post_init__(self) -> None:
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(f"data_format must be one of {DATA_FORMATS}, got {self.data_format!r}.")
+        data_format(self.data_format)  # a known format, or a clear error
         if unknown := sorted(set(self.tasks) - set(TASKS)):
             raise ValueError(f"Unknown tasks {unknown}; choose from {TASKS}.")
         if self.template_mode not in ("single", "ensemble", "both"):
@@ -211,7 +209,7 @@ def evaluate_model(config: EvalConfig, accelerator: Accelerator | None = None) -
         results["zero_shot"] = section
 
     if "retrieval" in config.tasks:
-        caption_column = find_column(dataset, config.caption_column, CAPTION_COLUMNS, "caption")
+        caption_column = find_column(dataset, config.caption_column, TEXT_COLUMNS, "caption")
         captions, text_to_image = caption_pairs(dataset, caption_column)
         text_embeds = text_features(accelerator, model, tokenizer, captions, config)
         recalls = retrieval_recall_at_k(embeds, text_embeds, text_to_image.to(embeds.device))

@@ -1,11 +1,11 @@
 """`TrainConfig`, the one dataclass of a training run, its parsing (JSON file and/or command line), and building the
 model, tokenizer and processor it names."""
 
-import glob
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 from accelerate.tracking import get_available_trackers
@@ -14,14 +14,13 @@ from transformers import AutoTokenizer, HfArgumentParser, TokenizersBackend
 from transformers.hf_argparser import DataClassType
 
 from ..configuration_hf_clip import HfClipConfig
-from ..data.streams import DataSpec
+from ..data.formats import DataFormatName, DataSpec, resolve_files
 from ..image_processing_hf_clip import HfClipImageProcessor
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
 LOSSES = ("softmax", "sigmoid")
-LR_SCHEDULERS = ("cosine", "constant", "wsd")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
 SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
 # SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
@@ -45,10 +44,19 @@ class TrainConfig:
         metadata={"help": "A saved tokenizer folder; default: the model folder, else OpenAI's BPE (from open_clip)."},
     )
     # Data: one source (the fields below) or several mixed by weight (`train_sources`).
-    train_data_format: str = field(default="webdataset", metadata={"help": "webdataset | parquet | imagefolder"})
-    train_data_files: list[str] = field(default_factory=list, metadata={"help": "Files or glob patterns."})
-    image_column: str = field(default="jpg", metadata={"help": "Image column (webdataset: the image extension)."})
-    text_column: str = field(default="txt", metadata={"help": "Caption column."})
+    train_data_format: DataFormatName = field(
+        default="webdataset", metadata={"help": "webdataset | parquet | imagefolder | arrow | csv"}
+    )
+    train_data_files: list[str] = field(
+        default_factory=list, metadata={"help": "Files or glob patterns (imagefolder, arrow: one folder)."}
+    )
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Image column (webdataset: the image extension). Default: the format's (hf_clip.data.formats)."
+        },
+    )
+    text_column: str | None = field(default=None, metadata={"help": "Caption column. Default: the format's."})
     train_sources: str | None = field(
         default=None,
         metadata={
@@ -59,7 +67,7 @@ class TrainConfig:
     )
     shuffle_buffer: int = 1000
     dataloader_num_workers: int = 0
-    image_decoding: str = field(
+    image_decoding: Literal["cpu", "device"] = field(
         default="cpu",
         metadata={
             "help": "cpu: workers decode and crop (exact pixels) | device: workers check and crop-plan RGB/grayscale "
@@ -67,7 +75,7 @@ class TrainConfig:
         },
     )
     # Zero-shot evaluation on a held-out labelled split.
-    eval_data_format: str = "webdataset"
+    eval_data_format: DataFormatName = "webdataset"
     eval_data_files: list[str] = field(default_factory=list)
     eval_label_column: str = "cls"
     eval_max_samples: int | None = None
@@ -81,7 +89,9 @@ class TrainConfig:
     # Optimisation.
     per_device_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    accumulation_mode: str = field(default="cached", metadata={"help": "cached (full-batch negatives) | plain"})
+    accumulation_mode: Literal["cached", "plain"] = field(
+        default="cached", metadata={"help": "cached (full-batch negatives) | plain"}
+    )
     max_steps: int = 1000
     loss: str = field(
         default="softmax",
@@ -103,7 +113,7 @@ class TrainConfig:
     adam_beta2: float | None = field(default=None, metadata={"help": "Default: 0.98 (ViT) / 0.999 (ResNet)."})
     adam_epsilon: float | None = field(default=None, metadata={"help": "Default: 1e-6 (ViT) / 1e-8 (ResNet)."})
     warmup_steps: int = 100
-    lr_scheduler: str = field(
+    lr_scheduler: Literal["cosine", "constant", "wsd"] = field(
         default="cosine",
         metadata={
             "help": "cosine (to 0 at max_steps) | constant | wsd (warmup, stable, then a cosine decay over the last "
@@ -141,7 +151,7 @@ class TrainConfig:
         metadata={"help": "ViT training: fraction of patch tokens dropped per image. Default: the model config's."},
     )
     max_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm to this; 0 disables."})
-    mixed_precision: str = field(default="no", metadata={"help": "no | bf16 | fp16"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={"help": "no | bf16 | fp16"})
     gradient_checkpointing: bool = False
     torch_compile: bool | None = field(
         default=None,
@@ -179,10 +189,7 @@ class TrainConfig:
                 f"per_device_batch_size must be at least 2, got {self.per_device_batch_size}: "
                 "with one pair there are no negatives and the contrastive loss is 0."
             )
-        if self.image_decoding not in ("cpu", "device"):
-            raise ValueError(f"image_decoding must be 'cpu' or 'device', got {self.image_decoding!r}.")
-        if self.accumulation_mode not in ("cached", "plain"):
-            raise ValueError(f"accumulation_mode must be 'cached' or 'plain', got {self.accumulation_mode!r}.")
+        check_choices(self)
         if self.gradient_accumulation_steps < 1 or self.max_steps < 1 or self.logging_steps < 1:
             raise ValueError("gradient_accumulation_steps, max_steps and logging_steps must be positive.")
         if self.eval_data_files and not self.class_names:
@@ -193,8 +200,6 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
         if self.loss_tile_size is not None and self.loss_tile_size < 1:
             raise ValueError(f"loss_tile_size must be positive, got {self.loss_tile_size}.")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
             raise ValueError(
                 f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "
@@ -278,20 +283,19 @@ class TrainConfig:
         """`train_specs` with every source's file patterns expanded (missing files are an error)."""
         specs = self.train_specs()
         for spec in specs:
-            spec.data_files = existing_files(spec.data_files, f"train source {spec.name!r}")
+            spec.data_files = resolve_files(spec.data_format, spec.data_files, f"train source {spec.name!r}")
         return specs
 
     def eval_files(self) -> list[str]:
-        return existing_files(self.eval_data_files, "eval")
+        return resolve_files(self.eval_data_format, self.eval_data_files, "eval")
 
 
-def existing_files(patterns: list[str], what: str) -> list[str]:
-    """The sorted files matching `patterns` (globs or paths); an error names the ones that do not exist."""
-    files = sorted({path for pattern in patterns for path in (glob.glob(pattern) or [pattern])})
-    missing = [path for path in files if not Path(path).exists()]
-    if not files or missing:
-        raise FileNotFoundError(f"{what} data files not found: {missing or patterns}")
-    return files
+def check_choices(config: Any) -> None:
+    """Every `Literal` field of a dataclass holds one of its choices: values from a JSON run config reach the
+    dataclass without argparse's `choices` check."""
+    for name, annotation in get_type_hints(type(config)).items():
+        if get_origin(annotation) is Literal and getattr(config, name) not in get_args(annotation):
+            raise ValueError(f"{name} must be one of {list(get_args(annotation))}, got {getattr(config, name)!r}.")
 
 
 def parse_config(argv: list[str]) -> TrainConfig:

@@ -37,12 +37,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from ..data.batches import device_batch
+from ..data.device_jpegs import DeviceJpegs
 from ..data.fast_preprocessing import FastClipImagePreprocessor
-from ..data.streams import ClipBatches, DataSpec, DeviceJpegs, labelled_batches, random_crop, skip_metrics
+from ..data.formats import DataSpec
+from ..data.streams import ClipBatches, labelled_batches, random_crop, skip_metrics
 from ..loss import ClipLoss, SigLipLoss
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
-from .batches import device_batch
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume_from is not None:
         step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources))
         logger.info("resumed from %s at step %d", resume_from, step)
-    eval_batches = None
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if config.eval_data_files:
         eval_spec = DataSpec(
             config.eval_data_format,
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             config.image_column,
             label_column=config.eval_label_column,
         )
-        eval_batches = labelled_batches(
+        eval_batches, eval_skipped = labelled_batches(
             eval_spec,
             processor.image_processor,
             config.per_device_eval_batch_size,
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.num_processes,
             config.eval_max_samples,
         )
+        if eval_skipped:
+            logger.warning("rank %d: evaluation samples skipped: %s", accelerator.process_index, dict(eval_skipped))
 
     accelerator.init_trackers(
         "logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}

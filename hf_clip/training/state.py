@@ -3,7 +3,6 @@ model folder, and the metrics log."""
 
 import json
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from ..data.streams import SKIP_REASONS, ClipBatches
+from ..data.samples import SKIP_REASONS
+from ..data.streams import ClipBatches
 from ..processing_hf_clip import HfClipProcessor
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,16 @@ class DataCursor:
             self.skipped = torch.zeros(shape, dtype=torch.int64)
             return
         counts = torch.tensor(skipped, dtype=torch.int64)
-        if counts.numel() != math.prod(shape):  # a flat row is fine: one source, stored before per-source counts
+        if counts.numel() % num_sources == 0:  # a flat row is one source (stored before per-source counts)
+            counts = counts.view(num_sources, -1)
+            # Reasons are only ever appended: a checkpoint written before the newer ones counted none of them.
+            counts = torch.nn.functional.pad(counts, (0, max(0, len(SKIP_REASONS) - counts.shape[1])))
+        if tuple(counts.shape) != shape:
             raise ValueError(
                 f"the stored skip counts have shape {tuple(counts.shape)}, this run counts {shape} (a row of "
                 f"{SKIP_REASONS} per training source): resume with the sources the checkpoint was written with."
             )
-        self.skipped = counts.view(shape)
+        self.skipped = counts
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch, "skipped": self.skipped.tolist()}

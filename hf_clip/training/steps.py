@@ -39,7 +39,7 @@ class ClipEmbedder(nn.Module):
     Text comes in one of two layouts:
 
     - packed, when `cu_seqlens` is given: `input_ids`, `position_ids` and `cu_seqlens` of
-      `hf_clip.data.text_batching.pack_text` (what `hf_clip.training.batches.device_text` sends), embedded by
+      `hf_clip.data.text_batching.pack_text` (what `hf_clip.data.batches.device_text` sends), embedded by
       `HfClipModel.get_packed_text_features`. The work follows the sum of caption lengths, and no value is read
       back from the device except once per run: the first packed batch is checked (ids in the vocabulary, an EOS
       in every caption; a compiled forward skips the check, as it skips the padded path's);
