@@ -9,9 +9,9 @@ from distributed_harness import ddp_loss_and_gradients, global_batch, gradients,
 from torch import nn
 
 from hf_clip import ClipLoss, HfClipModel, SigLipLoss, clip_loss, sigmoid_loss
+from hf_clip.data.batches import device_text
 from hf_clip.testing_utils import TINY_VIT, random_text, tiny_config
 from hf_clip.tiled_loss import tiled_clip_loss, tiled_sigmoid_loss
-from hf_clip.training.batches import device_text
 from hf_clip.training.steps import ClipEmbedder, plain_loss
 
 BATCH, DIM, BIAS = 37, 16, -2.0
