@@ -75,8 +75,14 @@ def _contrastive_lse(
 def _(
     rows: Tensor, columns: Tensor, scale: Tensor, offset: int, tile: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    row_stats = [rows.new_empty(rows.shape[0]) for _ in range(2)]
-    return (*row_stats, *(rows.new_empty(columns.shape[0]) for _ in range(2)), rows.new_empty(rows.shape[0]))
+    num_rows, num_columns = rows.shape[0], columns.shape[0]
+    return (
+        rows.new_empty(num_rows),
+        rows.new_empty(num_rows),
+        rows.new_empty(num_columns),
+        rows.new_empty(num_columns),
+        rows.new_empty(num_rows),
+    )
 
 
 @torch.library.custom_op(f"{_LIBRARY}::contrastive_lse_backward", mutates_args=())

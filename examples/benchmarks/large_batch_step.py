@@ -15,7 +15,7 @@ import time
 import torch
 
 from hf_clip import ClipLoss, HfClipModel
-from hf_clip.testing_utils import random_text, tiny_config
+from hf_clip.testing_utils import TINY_IMAGE_SIZE, random_text, tiny_config
 from hf_clip.training.steps import ClipEmbedder, cached_accumulation_backward
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     model = HfClipModel._from_config(config, attn_implementation="sdpa").train()
     embedder = ClipEmbedder(model)
     loss_fn = ClipLoss(tile_size=args.tile_size or None)
-    size = config.vision_config.image_size
+    size = TINY_IMAGE_SIZE
     generator = torch.Generator().manual_seed(0)
     micro_batches = [
         {

@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -25,7 +26,7 @@ LOSSES = ("tiled_clip", "hf_clip", "open_clip", "tiled_siglip", "hf_siglip", "op
 DENSE_MATRICES = {"hf_clip": 6, "open_clip": 6, "hf_siglip": 5, "open_clip_siglip": 5}
 
 
-def make_loss(name: str, tile_size: int):
+def make_loss(name: str, tile_size: int) -> Callable[..., torch.Tensor]:
     import open_clip
 
     from hf_clip import ClipLoss, SigLipLoss
@@ -82,6 +83,12 @@ def device_points(device: str, batches: list[int], dim: int, tile_size: int, lim
         from inf_cl import cal_inf_loss
     except ImportError as error:
         cal_inf_loss, inf_cl_error = None, repr(error)[:200]
+
+    def inf_cl_loss(images: torch.Tensor, texts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Both directions (inf-cl's `cal_inf_loss` is one), as its README's CLIP loss."""
+        assert cal_inf_loss is not None
+        return (cal_inf_loss(images, texts, scale=scale) + cal_inf_loss(texts, images, scale=scale)) / 2
+
     rows = []
     for batch in batches:
         generator = torch.Generator(device).manual_seed(0)
@@ -98,10 +105,7 @@ def device_points(device: str, batches: list[int], dim: int, tile_size: int, lim
             inputs = [images.clone().requires_grad_(), texts.clone().requires_grad_()]
             scale = torch.tensor(14.3, device=device, requires_grad=True)
             bias = torch.tensor(-10.0, device=device, requires_grad=True)
-            if name == "inf_cl":  # one direction per call: image→text and text→image, as its README's CLIP loss
-                loss_fn = lambda i, t, s: (cal_inf_loss(i, t, scale=s) + cal_inf_loss(t, i, scale=s)) / 2  # noqa: E731
-            else:
-                loss_fn = make_loss(name, tile_size)
+            loss_fn: Callable[..., torch.Tensor] = make_loss(name, tile_size) if name != "inf_cl" else inf_cl_loss
             extra = (bias,) if "siglip" in name else ()
             loss_fn(inputs[0][:64], inputs[1][:64], scale, *extra).backward()  # warm-up
             if device == "cuda":
