@@ -188,3 +188,10 @@ def test_compiled_step_with_tiled_loss_is_one_graph(loss):
     assert explanation.graph_count == 1
     compiled = torch.compile(plain_loss, fullgraph=True, backend="aot_eager")(embedder, loss_fn, batch)
     torch.testing.assert_close(compiled, plain_loss(embedder, loss_fn, batch), atol=1e-5, rtol=0)
+
+
+def test_run_config_rejects_a_bad_loss_tile_size():
+    from hf_clip.training import TrainConfig
+
+    with pytest.raises(ValueError, match="loss_tile_size must be positive"):
+        TrainConfig(model_config="x", loss_tile_size=0).validate()
