@@ -12,6 +12,7 @@ from hf_clip import ClipLoss, HfClipModel, SigLipLoss, clip_loss, sigmoid_loss
 from hf_clip.data.batches import device_text
 from hf_clip.testing_utils import TINY_VIT, random_text, tiny_config
 from hf_clip.tiled_loss import tiled_clip_loss, tiled_sigmoid_loss
+from hf_clip.training import TrainConfig
 from hf_clip.training.steps import ClipEmbedder, plain_loss
 
 BATCH, DIM, BIAS = 37, 16, -2.0
@@ -191,7 +192,5 @@ def test_compiled_step_with_tiled_loss_is_one_graph(loss):
 
 
 def test_run_config_rejects_a_bad_loss_tile_size():
-    from hf_clip.training import TrainConfig
-
     with pytest.raises(ValueError, match="loss_tile_size must be positive"):
         TrainConfig(model_config="x", loss_tile_size=0).validate()
