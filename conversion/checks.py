@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hf_clip import HfClipConfig
-from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX
+from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX, logit_multiplier
 from hf_clip.synthetic import random_captions
 
 PARITY_ATOL = 1e-5
@@ -60,7 +60,7 @@ def logits_from_features(
     scale exceeds the cap (OpenAI trained with a clamp at 4.6052 > ln 100) gives logits that differ from an uncapped
     implementation by the cap alone; the check compares weights, not that policy.
     """
-    scale = logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+    scale = logit_multiplier(logit_scale)
     image = nn.functional.normalize(image_features, dim=-1)
     text = nn.functional.normalize(text_features, dim=-1)
     return scale * image @ text.t()

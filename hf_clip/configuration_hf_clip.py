@@ -5,10 +5,13 @@ dictionary builds the equivalent `HfClipConfig`. OpenAI's published architecture
 (`hf_clip/architectures/`) and load by name: `HfClipConfig.from_architecture("ViT-B-32")`.
 """
 
+import dataclasses
 import importlib.resources
 import json
+import logging
 import math
-from typing import TypeVar
+from difflib import get_close_matches
+from typing import Any, TypeVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -20,6 +23,17 @@ ARCHITECTURES_FOLDER = "architectures"
 ARCHITECTURE_SUFFIX = ".json"
 
 SubConfig = TypeVar("SubConfig", bound=PreTrainedConfig)
+# Keys a saved config.json carries besides the dataclass fields (what `to_dict` adds, and a remote-code export's map).
+SAVED_KEYS = {"_name_or_path", "model_type", "output_attentions", "auto_map"}
+
+logger = logging.getLogger(__name__)
+
+
+def _check_positive(tower: str, config: PreTrainedConfig, names: tuple[str, ...]) -> None:
+    """Sizes are positive integers (a zero or negative one would only fail deep inside torch)."""
+    bad = {name: getattr(config, name) for name in names if getattr(config, name) <= 0}
+    if bad:
+        raise ValueError(f"{tower} config sizes must be positive, got {bad}.")
 
 
 @strict
@@ -42,6 +56,7 @@ class HfClipTowerConfig(PreTrainedConfig):
 
     def _check_heads_divide_width(self, tower: str) -> None:
         """A transformer splits `hidden_size` evenly between its attention heads."""
+        _check_positive(tower, self, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"))
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"{tower} hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
@@ -67,6 +82,7 @@ class HfClipTextConfig(HfClipTowerConfig):
     eos_token_id: int = 49407
 
     def validate_architecture(self) -> None:
+        _check_positive("text", self, ("vocab_size", "max_position_embeddings", "projection_dim", "layer_norm_eps"))
         self._check_heads_divide_width("text")
         if not 0 <= self.eos_token_id < self.vocab_size:
             raise ValueError(
@@ -106,12 +122,14 @@ class HfClipVisionConfig(HfClipTowerConfig):
             raise ValueError(
                 f"patch_dropout is the fraction of patches dropped: 0 <= p < 1, got {self.patch_dropout}."
             )
+        _check_positive("vision", self, ("num_channels", "image_size", "projection_dim", "layer_norm_eps"))
         if self.patch_dropout > 0 and self.backbone != "vit":
             raise ValueError(f"patch_dropout drops ViT patch tokens; a {self.backbone!r} image tower has none.")
         if self.backbone == "vit":
             if self.layers is not None:
                 raise ValueError("`layers` is a ResNet field; a ViT is sized by num_hidden_layers.")
             self._check_heads_divide_width("vision")
+            _check_positive("vision", self, ("patch_size",))
             if self.image_size % self.patch_size != 0:
                 raise ValueError(
                     f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})."
@@ -119,6 +137,7 @@ class HfClipVisionConfig(HfClipTowerConfig):
         else:
             if self.layers is None or len(self.layers) != 4 or any(n < 1 for n in self.layers):
                 raise ValueError(f"a ResNet needs `layers`: four positive block counts, got {self.layers}.")
+            _check_positive("vision", self, ("width", "num_attention_heads"))
             if (self.width * 32) % self.num_attention_heads != 0:
                 raise ValueError(
                     f"ResNet feature width ({self.width * 32} = width * 32) must be a multiple of the attention-pool "
@@ -158,6 +177,7 @@ class HfClipConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self) -> None:
+        _check_positive("joint", self, ("projection_dim",))
         vision_config = self.vision_config
         # The ResNet's attention pool projects into the joint space itself, so both sizes must be the same number.
         if (
@@ -169,6 +189,35 @@ class HfClipConfig(PreTrainedConfig):
                 f"a ResNet's attention pool outputs vision_config.projection_dim ({vision_config.projection_dim}), "
                 f"which must equal projection_dim ({self.projection_dim})."
             )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' `from_dict` (behind `from_pretrained`), warning about keys this version does not know: a
+        folder saved by a newer version loads (the extra keys stay attributes, unused); a user-written
+        architecture goes through the strict `from_user_dict` instead."""
+        unknown = unknown_config_keys(config_dict)
+        if unknown:
+            logger.warning("config keys this version of hf_clip does not use (a newer version's?): %s", unknown)
+        return super().from_dict(config_dict, **kwargs)
+
+    @classmethod
+    def from_user_dict(cls, values: dict[str, Any]) -> "HfClipConfig":
+        """An architecture a user wrote (a JSON file): an unknown or misspelt key, at the top or in a tower, is an
+        error naming it, since it would otherwise be ignored and train a default-sized tower."""
+        unknown = unknown_config_keys(values)
+        if unknown:
+            hints = []
+            for name in unknown:
+                tower, _, key = name.rpartition(".")
+                known = known_keys(cls.sub_configs[tower] if tower else cls)
+                hints += [
+                    f"{name} -> {tower + '.' if tower else ''}{match}?" for match in get_close_matches(key, known, 1)
+                ]
+            raise ValueError(
+                f"unknown model config keys {unknown}{' (' + ', '.join(hints) + ')' if hints else ''}: no field of "
+                "HfClipConfig, its text_config (HfClipTextConfig) or vision_config (HfClipVisionConfig) reads them."
+            )
+        return cls.from_dict(values)
 
     def tower_configs(self) -> tuple[HfClipTextConfig, HfClipVisionConfig]:
         """`(text_config, vision_config)`, typed: `__post_init__` turns both fields into config objects (the field
@@ -201,6 +250,19 @@ class HfClipConfig(PreTrainedConfig):
             for entry in folder.iterdir()
             if entry.name.endswith(ARCHITECTURE_SUFFIX)
         )
+
+
+def known_keys(config_class: type[PreTrainedConfig]) -> list[str]:
+    return sorted({field.name for field in dataclasses.fields(config_class)} | SAVED_KEYS)
+
+
+def unknown_config_keys(values: dict[str, Any]) -> list[str]:
+    """The keys of an `HfClipConfig` dict (top level, `text_config.*`, `vision_config.*`) no config field reads."""
+    unknown = sorted(set(values) - set(known_keys(HfClipConfig)))
+    for key, config_class in HfClipConfig.sub_configs.items():
+        if isinstance(values.get(key), dict):
+            unknown += [f"{key}.{name}" for name in sorted(set(values[key]) - set(known_keys(config_class)))]
+    return unknown
 
 
 def _sub_config(config_class: type[SubConfig], value: dict | SubConfig | None) -> SubConfig:

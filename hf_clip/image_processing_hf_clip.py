@@ -109,11 +109,15 @@ class HfClipImageProcessor(PilBackend):
         self, image: Any, do_convert_rgb: bool | None = None, input_data_format: Any = None, **kwargs: Any
     ) -> np.ndarray:
         if not isinstance(image, PIL.Image.Image):
-            return super().process_image(image, do_convert_rgb, input_data_format, **kwargs)
-        image = ImageOps.exif_transpose(decoded(image))
-        if do_convert_rgb:
-            image = to_rgb(image)
-        return super().process_image(image, False, input_data_format, **kwargs)
+            array = super().process_image(image, do_convert_rgb, input_data_format, **kwargs)
+        else:
+            image = ImageOps.exif_transpose(decoded(image))
+            if do_convert_rgb:
+                image = to_rgb(image)
+            array = super().process_image(image, False, input_data_format, **kwargs)
+        if 0 in array.shape[-2:]:  # resizing would divide by the zero side
+            raise ValueError(f"an image of {array.shape[-2]}x{array.shape[-1]} pixels has nothing to preprocess.")
+        return array
 
     def center_crop(self, image: np.ndarray, size: SizeDict | dict[str, int], *args: Any, **kwargs: Any) -> np.ndarray:
         """Centre crop with OpenAI's offsets (`round`, not floor); pads with zeros when the image is smaller."""

@@ -2,9 +2,16 @@
 
 Pure functions over a logits matrix, and `ClipLoss` / `SigLipLoss`, the training losses that gather features from
 every rank with gradients so that N processes train exactly as one process on the global batch.
+
+The training losses sit in one registry, `LOSSES`, by the name a run config gives (`loss="softmax"`): a new loss is a
+`GlobalBatchLoss` subclass decorated with `@register_loss("name")`, built with `build_loss(name, **options)`. Every
+loss takes the named `ContrastiveInputs` fields as keyword arguments (`loss(**inputs.arguments())`).
 """
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -75,9 +82,37 @@ def gather_features(features: torch.Tensor, with_grad: bool) -> torch.Tensor:
     return torch.cat(gathered, dim=0)
 
 
+@dataclass
+class ContrastiveInputs:
+    """What a contrastive loss scores, by name: L2-normalised `image_embeds` and `text_embeds` (local batch × dim,
+    row i of each a pair), `logit_scale` the multiplier `exp(clamped logit_scale parameter)`
+    (`HfClipModel.logit_multiplier`), and `logit_bias` for a model that has one (SigLIP), else None.
+
+    `hf_clip.training.steps.ClipEmbedder` returns it; a side the call did not embed is None.
+    """
+
+    image_embeds: torch.Tensor | None
+    text_embeds: torch.Tensor | None
+    logit_scale: torch.Tensor | float
+    logit_bias: torch.Tensor | float | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The fields that are set, by name: a loss's keyword arguments (a CLIP model has no `logit_bias`, so
+        `ClipLoss` takes none and `SigLipLoss` requires one)."""
+        return {
+            field.name: getattr(self, field.name) for field in fields(self) if getattr(self, field.name) is not None
+        }
+
+
 class GlobalBatchLoss(nn.Module):
     """What the losses over the global batch of all ranks share: the input check, the fp32 cast and the check that
-    every rank passes the same local batch size (`ClipLoss` states the contract)."""
+    every rank passes the same local batch size (`ClipLoss` states the contract).
+
+    A subclass states whether it scores with the model's `logit_bias` (`uses_logit_bias`): the run config gives the
+    model a bias exactly when its loss uses one.
+    """
+
+    uses_logit_bias: ClassVar[bool] = False
 
     def __init__(self):
         super().__init__()
@@ -121,6 +156,31 @@ class GlobalBatchLoss(nn.Module):
             )
 
 
+LossClass = TypeVar("LossClass", bound=type[GlobalBatchLoss])
+# The training losses by the name a run config gives them (`TrainConfig.loss`); filled by `register_loss`.
+LOSSES: dict[str, type[GlobalBatchLoss]] = {}
+
+
+def register_loss(name: str) -> Callable[[LossClass], LossClass]:
+    """Class decorator: make a `GlobalBatchLoss` subclass the training loss called `name`."""
+
+    def register(loss_class: LossClass) -> LossClass:
+        if name in LOSSES:
+            raise ValueError(f"a loss named {name!r} is registered already ({LOSSES[name].__name__}).")
+        LOSSES[name] = loss_class
+        return loss_class
+
+    return register
+
+
+def build_loss(name: str, **options: Any) -> GlobalBatchLoss:
+    """The registered loss `name`, constructed with `options` (its constructor's keyword arguments)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; the registered losses are {', '.join(LOSSES)}.")
+    return LOSSES[name](**options)
+
+
+@register_loss("softmax")
 class ClipLoss(GlobalBatchLoss):
     """Symmetric contrastive loss over the global batch of all ranks.
 
@@ -162,8 +222,8 @@ class ClipLoss(GlobalBatchLoss):
     ) -> torch.Tensor:
         """Loss of L2-normalised `image_embeds` and `text_embeds` (local batch × dim, row i of each a pair).
 
-        `logit_scale` is the multiplier itself, `exp(clamped logit_scale parameter)` (as `HfClipModel` computes it in
-        `scaled_logits`), not the raw log-scale parameter.
+        `logit_scale` is the multiplier itself, `exp(clamped logit_scale parameter)` (`HfClipModel.logit_multiplier`),
+        not the raw log-scale parameter.
         """
         image_embeds, text_embeds, rank, world_size = self.local_inputs(image_embeds, text_embeds)
         local_batch = image_embeds.shape[0]
@@ -187,6 +247,7 @@ class ClipLoss(GlobalBatchLoss):
         return (contrastive_loss(logits_per_text, labels) + contrastive_loss(logits_per_image, labels)) / 2
 
 
+@register_loss("sigmoid")
 class SigLipLoss(GlobalBatchLoss):
     """SigLIP's sigmoid loss over the global batch of all ranks.
 
@@ -196,6 +257,8 @@ class SigLipLoss(GlobalBatchLoss):
     ranks of the gradients (what DDP and `accelerator.backward` do) the global-batch gradient; every rank passes the
     same local batch size. `tile_size` as in `ClipLoss`.
     """
+
+    uses_logit_bias = True
 
     def __init__(self, tile_size: int | None = None):
         super().__init__()
@@ -212,8 +275,8 @@ class SigLipLoss(GlobalBatchLoss):
     ) -> torch.Tensor:
         """Loss of L2-normalised `image_embeds` and `text_embeds` (local batch × dim, row i of each a pair).
 
-        `logit_scale` is the multiplier `exp(clamped logit_scale parameter)`, `logit_bias` the bias itself (as
-        `HfClipModel` holds it).
+        `logit_scale` is the multiplier `exp(clamped logit_scale parameter)` (`HfClipModel.logit_multiplier`),
+        `logit_bias` the bias itself (as `HfClipModel` holds it).
         """
         image_embeds, text_embeds, rank, _ = self.local_inputs(image_embeds, text_embeds)
         local_batch = image_embeds.shape[0]

@@ -15,28 +15,33 @@ from .modeling_layers import (
     HfClipPreTrainedModel,
     HfClipTextPreTrainedModel,
     HfClipVisionPreTrainedModel,
+    HfClipVisionTower,
     OutputRecorder,
 )
 from .modeling_resnet import HfClipResNetModel
 from .modeling_text import HfClipTextModel
 from .modeling_vit import HfClipVisionTransformer
 
-# The paper clamps the temperature so logits are scaled by at most 100.
+# The cap on the learned log-scale `logit_scale` (the paper's): logits are scaled by at most exp(ln 100) = 100.
 LOGIT_SCALE_MAX = math.log(100)
 
-VisionTower = HfClipVisionTransformer | HfClipResNetModel
-VISION_TOWERS: dict[str, type[VisionTower]] = {"vit": HfClipVisionTransformer, "resnet": HfClipResNetModel}
+# The image backbones by `vision_config.backbone`; each states its own facts (`HfClipVisionTower`).
+VISION_TOWERS: dict[str, type[HfClipVisionTower]] = {"vit": HfClipVisionTransformer, "resnet": HfClipResNetModel}
 
 
-def build_vision_tower(config: HfClipVisionConfig) -> VisionTower:
+def build_vision_tower(config: HfClipVisionConfig) -> HfClipVisionTower:
     return VISION_TOWERS[config.backbone]._from_config(config)
 
 
 def build_visual_projection(config: HfClipVisionConfig, projection_dim: int) -> nn.Module:
-    # The ResNet's attention pool ends in its own output projection (c_proj), so it needs no second one.
-    if config.backbone == "resnet":
-        return nn.Identity()
-    return nn.Linear(config.hidden_size, projection_dim, bias=False)
+    return VISION_TOWERS[config.backbone].build_projection(config, projection_dim)
+
+
+def logit_multiplier(logit_scale: torch.Tensor) -> torch.Tensor:
+    """The factor the cosine similarities are multiplied by: exp(logit_scale) with the log-scale clamped at
+    `LOGIT_SCALE_MAX` (so at most 100). The one place it is computed (`HfClipModel.logit_multiplier` for the model;
+    this function also serves models that only hold a `logit_scale` tensor, such as transformers' `CLIPModel`)."""
+    return logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
 
 
 def projected(features: BaseModelOutputWithPooling, projection: nn.Module) -> BaseModelOutputWithPooling:
@@ -150,11 +155,14 @@ class HfClipModel(HfClipPreTrainedModel):
         features = self.vision_model.encode_images(pixel_values, interpolate_pos_encoding, recorder)
         return recorder.pack(projected(features, self.visual_projection))
 
+    def logit_multiplier(self) -> torch.Tensor:
+        """exp(logit_scale) under the cap (`LOGIT_SCALE_MAX`): the `logit_scale` that the losses and the logits use."""
+        return logit_multiplier(self.logit_scale)
+
     def scaled_logits(self, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """logits_per_text from L2-normalised embeddings: exp(clamped logit_scale) · text @ imageᵀ (+ logit_bias for
         a SigLIP model, as transformers' `SiglipModel`)."""
-        logit_scale = self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        logits_per_text = self.logit_multiplier() * text_embeds @ image_embeds.t()
         if self.logit_bias is None:
             return logits_per_text
         return logits_per_text + self.logit_bias

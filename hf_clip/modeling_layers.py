@@ -6,10 +6,9 @@ Module and parameter names equal transformers' CLIP names (`self_attn.{q,k,v,out
 """
 
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -331,7 +330,7 @@ class HfClipPreTrainedModel(PreTrainedModel):
     input_modalities: str | list[str] = ["image", "text"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["HfClipEncoderLayer", "HfClipBottleneck"]
+    # Each tower names its own blocks (`_no_split_modules`); `post_init` gathers the towers' names into a model's.
     # Dotted path of the layer that reads the input ids or pixels; a model that wraps a tower names the tower,
     # which resolves its own.
     input_embeddings_path: str
@@ -369,11 +368,9 @@ class HfClipPreTrainedModel(PreTrainedModel):
         buffers (HfClipAttention, HfClipMLP, the projection models). Each rule is therefore stated on a module that
         owns what it sets: a leaf, whose role its type tells (HfClipResidualLinear, HfClipMLPInputLinear,
         HfClipResidualBatchNorm) or the tower it sits in (`self`, the innermost hf_clip model around it); the
-        embeddings; the joint model.
+        embeddings; the joint model. A tower with rules of its own (the ResNet) overrides this method.
         """
         factor = self.config.initializer_factor
-        # OpenAI's ResNet keeps PyTorch's initialisation for convolutions and for the attention pool's biases.
-        in_resnet = isinstance(self.config, HfClipVisionConfig) and self.config.backbone == "resnet"
         if isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -388,13 +385,8 @@ class HfClipPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Linear):
             # q/k/v (the attention pool's too), the pool's c_proj and the projections into the joint space.
             init.normal_(module.weight, std=module.in_features**-0.5 * factor)
-            if module.bias is not None and in_resnet:
-                bound = module.in_features**-0.5
-                init.uniform_(module.bias, -bound, bound)
-            elif module.bias is not None:
+            if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.Conv2d) and in_resnet:
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         elif isinstance(module, nn.BatchNorm2d):
             # The identity, except each bottleneck's last BatchNorm: zero, so every block starts as the identity.
             init.constant_(module.weight, 0.0 if isinstance(module, HfClipResidualBatchNorm) else 1.0)
@@ -405,9 +397,6 @@ class HfClipPreTrainedModel(PreTrainedModel):
                     init.ones_(buffer)
                 else:
                     init.zeros_(buffer)
-        elif isinstance(module, nn.Embedding) and in_resnet:
-            # The attention pool's positions: open_clip's randn / embed_dim ** 0.5.
-            init.normal_(module.weight, std=module.embedding_dim**-0.5 * factor)
         elif isinstance(module, HfClipEmbeddings):
             module.init_openai(factor)
         elif isinstance(module, HfClipPreTrainedModel) and isinstance(module.config, HfClipConfig):
@@ -492,3 +481,34 @@ class HfClipVisionPreTrainedModel(HfClipPreTrainedModel):
                 "pass interpolate_pos_encoding=True to run at another resolution."
             )
         return pixel_values
+
+
+class HfClipVisionTower(HfClipVisionPreTrainedModel):
+    """Base of an image backbone (an entry of `hf_clip.modeling_hf_clip.VISION_TOWERS`). Each backbone states here the
+    facts about itself that the joint model and training need, so a new one touches its own modeling file, the config
+    and the registry:
+
+    - `layer_groups()`: its layers bottom (pixels) to top (pooled output), the unit of locking and of layer-wise
+      learning-rate decay (`hf_clip.training.finetuning`); the joint model's projection joins the top group;
+    - `adam_defaults`: the paper's Adam (β2, ε) for the family;
+    - `prefers_channels_last`: whether its convolutions run faster with NHWC weights (cuDNN), which training then uses;
+    - `build_projection`: the projection of its pooled output into the joint space;
+    - initialisation rules of its own, by overriding `_init_weights`.
+    """
+
+    adam_defaults: ClassVar[tuple[float, float]]
+    prefers_channels_last: ClassVar[bool] = False
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder
+    ) -> BaseModelOutputWithPooling:
+        """The tower's states and its pooled output (`pooler_output`), before any joint projection."""
+        raise NotImplementedError
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def build_projection(config: HfClipVisionConfig, projection_dim: int) -> nn.Module:
+        """A bias-free Linear from the pooled width into the joint space (the paper's projection)."""
+        return nn.Linear(config.hidden_size, projection_dim, bias=False)

@@ -11,8 +11,11 @@ gradients are unchanged; the running averages move with an effective momentum of
 holds for the training script's feature-cached gradient accumulation, which runs each micro-batch forward twice.
 """
 
+import math
+
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -20,7 +23,7 @@ from .configuration_hf_clip import HfClipVisionConfig
 from .modeling_layers import (
     HfClipMultiHeadAttention,
     HfClipResidualBatchNorm,
-    HfClipVisionPreTrainedModel,
+    HfClipVisionTower,
     OutputRecorder,
     resized_grid_positions,
 )
@@ -126,7 +129,7 @@ class HfClipAttentionPool(HfClipMultiHeadAttention):
         return self.c_proj(pooled[:, 0]), attn_weights
 
 
-class HfClipResNetModel(HfClipVisionPreTrainedModel):
+class HfClipResNetModel(HfClipVisionTower):
     """Modified-ResNet image tower. `last_hidden_state` is the final (batch, width·32, h, w) feature map and
     `pooler_output` the attention pool's output, already in the joint embedding space (`projection_dim`): unlike the
     ViT's, this tower's pooled output is the image embedding itself. `hidden_states` are the stem's and each stage's
@@ -134,6 +137,12 @@ class HfClipResNetModel(HfClipVisionPreTrainedModel):
 
     # The stem's first convolution: the layer that reads the pixels.
     input_embeddings_path = "stem.conv1"
+    # The blocks FSDP wraps and device maps keep whole.
+    _no_split_modules = ["HfClipBottleneck"]
+    # The paper's Adam β2 / ε for its ResNets (PyTorch's defaults).
+    adam_defaults = (0.999, 1e-8)
+    # cuDNN's fastest convolutions are NHWC; with NHWC weights PyTorch runs each convolution so (same math).
+    prefers_channels_last = True
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -149,6 +158,30 @@ class HfClipResNetModel(HfClipVisionPreTrainedModel):
         self.layer4 = make_stage(width * 16, width * 8, config.layers[3], stride=2)
         self.attention_pool = HfClipAttentionPool(config)
         self.post_init()
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        """The stem, the four stages, and the attention pool (which ends in the projection into the joint space)."""
+        stages: list[list[nn.Module]] = [[self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        return [[self.stem], *stages, [self.attention_pool]]
+
+    @staticmethod
+    def build_projection(config: HfClipVisionConfig, projection_dim: int) -> nn.Module:
+        """None: the attention pool ends in its own output projection (c_proj) into the joint space."""
+        return nn.Identity()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """OpenAI's ResNet initialisation: PyTorch's defaults for convolutions and the attention pool's biases,
+        open_clip's randn / embed_dim ** 0.5 for the pool's positions, the shared rules for the rest."""
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=module.embedding_dim**-0.5 * self.config.initializer_factor)
+        else:
+            super()._init_weights(module)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                bound = module.in_features**-0.5
+                init.uniform_(module.bias, -bound, bound)
 
     def encode_images(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder

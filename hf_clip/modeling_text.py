@@ -57,6 +57,8 @@ class HfClipTextModel(HfClipTextPreTrainedModel):
     """
 
     input_embeddings_path = "embeddings.token_embedding"
+    # The blocks FSDP wraps and device maps keep whole.
+    _no_split_modules = ["HfClipEncoderLayer"]
 
     def __init__(self, config: HfClipTextConfig):
         super().__init__(config)
@@ -64,6 +66,11 @@ class HfClipTextModel(HfClipTextPreTrainedModel):
         self.encoder = HfClipEncoder(config, is_causal=True)
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        """Bottom to top, for locking and layer-wise learning-rate decay (`hf_clip.training.finetuning`): the
+        embeddings (token, positions), one group per block, and the final LayerNorm."""
+        return [[self.embeddings], *[[block] for block in self.encoder.layers], [self.final_layer_norm]]
 
     def encode_text(
         self,

@@ -10,7 +10,7 @@ from .configuration_hf_clip import HfClipVisionConfig
 from .modeling_layers import (
     HfClipEmbeddings,
     HfClipEncoder,
-    HfClipVisionPreTrainedModel,
+    HfClipVisionTower,
     OutputRecorder,
     resized_grid_positions,
 )
@@ -73,11 +73,15 @@ def keep_random_patches(embeddings: torch.Tensor, drop_fraction: float) -> torch
     return embeddings.gather(1, index[..., None].expand(-1, -1, width))
 
 
-class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
+class HfClipVisionTransformer(HfClipVisionTower):
     """ViT image tower; `pooler_output` is the post-LayerNorm class token (before the projection)."""
 
     # The patch embedding, as transformers' CLIPVisionModel returns.
     input_embeddings_path = "embeddings.patch_embedding"
+    # The blocks FSDP wraps and device maps keep whole.
+    _no_split_modules = ["HfClipEncoderLayer"]
+    # The paper's Adam β2 / ε for its ViTs (β2 0.98 for stability at large batch sizes).
+    adam_defaults = (0.98, 1e-6)
 
     def __init__(self, config: HfClipVisionConfig):
         super().__init__(config)
@@ -86,6 +90,12 @@ class HfClipVisionTransformer(HfClipVisionPreTrainedModel):
         self.encoder = HfClipEncoder(config, is_causal=False)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
+
+    def layer_groups(self) -> list[list[nn.Module]]:
+        """The embeddings (patch, class token, positions) with the pre-LayerNorm, one group per block, and the
+        post-LayerNorm."""
+        blocks = [[block] for block in self.encoder.layers]
+        return [[self.embeddings, self.pre_layrnorm], *blocks, [self.post_layernorm]]
 
     def encode_images(
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, recorder: OutputRecorder

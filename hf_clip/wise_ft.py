@@ -22,6 +22,7 @@ import torch
 from transformers import AutoProcessor, PreTrainedConfig
 
 from .modeling_hf_clip import HfClipModel
+from .saved_folders import check_model_folder
 
 # Config fields that record where and how a checkpoint was saved or loaded, or how it was trained (patch dropout
 # acts in training mode only), not what it computes.
@@ -152,6 +153,8 @@ def wise_ft_folders(
         check_alpha(alpha)
     if len(set(alphas)) != len(alphas):
         raise ValueError(f"each alpha must be given once, got {list(alphas)}.")
+    check_model_folder(zero_shot, "--zero-shot")
+    check_model_folder(fine_tuned, "--fine-tuned")
     folders = {alpha: output_dir if len(alphas) == 1 else output_dir / alpha_folder_name(alpha) for alpha in alphas}
     processor = AutoProcessor.from_pretrained(processor_folder(zero_shot, fine_tuned))
     zero_shot_model = HfClipModel.from_pretrained(zero_shot, dtype=torch.float32)

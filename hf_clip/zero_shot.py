@@ -17,10 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .modeling_hf_clip import LOGIT_SCALE_MAX
+from .modeling_hf_clip import LOGIT_SCALE_MAX, logit_multiplier
 
-# The largest multiplier exp(logit_scale) can reach, computed as the model computes it (float32).
-MAX_LOGIT_SCALE = float(torch.tensor(LOGIT_SCALE_MAX).exp())
 CLASS_EMBEDDINGS_FILE = "class_embeddings.safetensors"
 CLASSIFIER_CONFIG_FILE = "zero_shot_classifier.json"
 # Placeholders understood in templates: clip-benchmark's "{c}" and transformers' "{}".
@@ -45,13 +43,13 @@ def pooled_features(output: Any) -> torch.Tensor:
     return pooled
 
 
-def model_logit_scale(model: nn.Module) -> float:
-    """The model's temperature exp(logit_scale) under hf_clip's cap (the paper's 100); the cap for models without
-    one."""
+def model_logit_scale(model: nn.Module | None) -> float:
+    """The model's multiplier exp(logit_scale) under hf_clip's cap (`logit_multiplier`: at most the paper's 100); the
+    cap's for a model without a `logit_scale` (or none)."""
     logit_scale = getattr(model, "logit_scale", None)
     if logit_scale is None:
-        return MAX_LOGIT_SCALE
-    return float(logit_scale.detach().float().clamp(max=LOGIT_SCALE_MAX).exp())
+        logit_scale = torch.tensor(LOGIT_SCALE_MAX)
+    return float(logit_multiplier(logit_scale.detach().float()))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -133,7 +131,7 @@ class ZeroShotClassifier:
         class_embeddings: torch.Tensor,
         class_names: Sequence[str],
         templates: Sequence[str] = (),
-        logit_scale: float = MAX_LOGIT_SCALE,
+        logit_scale: float | None = None,
     ):
         _check_names(class_names, "class_names")
         if class_embeddings.ndim != 2 or class_embeddings.shape[0] != len(class_names):
@@ -145,7 +143,8 @@ class ZeroShotClassifier:
         self.class_embeddings = class_embeddings
         self.class_names = list(class_names)
         self.templates = list(templates)
-        self.logit_scale = float(logit_scale)
+        # None: the cap's multiplier, as for a model without a temperature.
+        self.logit_scale = model_logit_scale(None) if logit_scale is None else float(logit_scale)
 
     @classmethod
     def from_model(

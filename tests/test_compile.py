@@ -10,7 +10,8 @@ from hf_clip import ClipLoss, HfClipModel
 from hf_clip.data.batches import device_text
 from hf_clip.data.text_batching import trim_to_longest
 from hf_clip.testing_utils import TINY_RESNET, TINY_VIT, random_text, tiny_config
-from hf_clip.training.steps import ClipEmbedder, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder
 
 LENGTHS = [5, 9, 3, 16]
 
@@ -27,10 +28,10 @@ def training_loss(vision: dict, checkpointing: bool):
     model = HfClipModel._from_config(config, attn_implementation="sdpa").train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    embedder, loss_fn = ClipEmbedder(model), ClipLoss()
+    objective = ClipObjective(ClipEmbedder(model), ClipLoss())
 
     def loss(pixel_values: torch.Tensor, text: dict[str, torch.Tensor]) -> torch.Tensor:
-        return plain_loss(embedder, loss_fn, {"pixel_values": pixel_values, **text})
+        return objective({"pixel_values": pixel_values, **text}).loss
 
     return loss, config.vision_config.image_size
 

@@ -19,7 +19,8 @@ from hf_clip.synthetic import write_webdataset_shard
 from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, random_text, tiny_config
 from hf_clip.training import TrainConfig, main
 from hf_clip.training.finetuning import layer_decay_scales, layer_groups, lock_logit_parameters, lock_tower
-from hf_clip.training.steps import ClipEmbedder, build_optimizer, build_scheduler, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder, build_optimizer, build_scheduler
 
 
 def random_batch(model: HfClipModel, size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -32,7 +33,7 @@ def random_batch(model: HfClipModel, size: int = 4, seed: int = 0) -> dict[str, 
 def train_steps(embedder: ClipEmbedder, optimizer: torch.optim.Optimizer, steps: int = 3) -> None:
     embedder.train()
     for step in range(steps):
-        plain_loss(embedder, ClipLoss(), random_batch(embedder.model, seed=step)).backward()
+        ClipObjective(embedder, ClipLoss())(random_batch(embedder.model, seed=step)).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # zeros, not None: a frozen parameter's grad must stay None
 

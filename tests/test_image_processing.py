@@ -245,3 +245,10 @@ def test_runs_without_torchvision(processor, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5, 3), np.uint8), "pil-empty"])
+def test_an_image_without_pixels_is_named_not_a_division_by_zero(image):
+    image = PIL.Image.new("RGB", (0, 0)) if isinstance(image, str) else image
+    with pytest.raises(ValueError, match="pixels has nothing to preprocess"):
+        HfClipImageProcessor()(images=image, return_tensors="pt")

@@ -20,7 +20,8 @@ from hf_clip.data.batches import device_text
 from hf_clip.data.text_batching import pack_text
 from hf_clip.modeling_layers import VARLEN_CAUSAL_KWARGS, uses_varlen_kernel, varlen_attn
 from hf_clip.testing_utils import TINY_TEXT, random_text, tiny_config
-from hf_clip.training.steps import ClipEmbedder, cached_accumulation_backward, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder, cached_accumulation_backward
 
 EOS = TINY_TEXT["eos_token_id"]
 # One caption fills the context; the last holds a second EOS (the tower pools at the first).
@@ -52,10 +53,8 @@ def padded_masked_step(model: HfClipModel, pixel_values: torch.Tensor, text: dic
 def packed_step(model: HfClipModel, pixel_values: torch.Tensor, text: dict) -> tuple[torch.Tensor, dict]:
     """The training path's embeddings (`device_text` → `ClipEmbedder`), scored by the same `clip_loss`."""
     model.zero_grad(set_to_none=True)
-    image_embeds, text_embeds, logit_scale = ClipEmbedder(model)(
-        pixel_values, **device_text(text, torch.device("cpu"))
-    )
-    loss = clip_loss(logit_scale * text_embeds @ image_embeds.t())
+    inputs = ClipEmbedder(model)(pixel_values, **device_text(text, torch.device("cpu")))
+    loss = clip_loss(inputs.logit_scale * inputs.text_embeds @ inputs.image_embeds.t())
     loss.backward()
     return loss.detach(), gradients(model)
 
@@ -83,15 +82,16 @@ def test_packed_step_equals_the_padded_masked_step_in_float64(attn_implementatio
 
 
 def test_packed_training_step_equals_the_padded_masked_step_in_float32():
-    """`plain_loss` with `ClipLoss` as the loop runs it, at torch.testing's float32 tolerances."""
+    """`ClipObjective` with `ClipLoss` as the loop runs it, at torch.testing's float32 tolerances."""
     torch.manual_seed(0)
     model = HfClipModel._from_config(tiny_config(), attn_implementation="sdpa").train()
     embedder, text, pixel_values = ClipEmbedder(model), text_batch(), pixels()
-    reference = ClipLoss()(*embedder(pixel_values, **text))  # padded, with the attention mask
+    reference = ClipLoss()(**embedder(pixel_values, **text).arguments())  # padded, with the attention mask
     reference.backward()
     reference_grads = gradients(model)
     model.zero_grad(set_to_none=True)
-    loss = plain_loss(embedder, ClipLoss(), {"pixel_values": pixel_values, **device_text(text, torch.device("cpu"))})
+    objective = ClipObjective(embedder, ClipLoss())
+    loss = objective({"pixel_values": pixel_values, **device_text(text, torch.device("cpu"))}).loss
     loss.backward()
     torch.testing.assert_close(loss, reference)
     for name, grad in gradients(model).items():
@@ -119,9 +119,8 @@ def test_cached_accumulation_of_packed_micro_batches_equals_one_large_batch():
     embedder = ClipEmbedder(HfClipModel(tiny_config())).double()
     text = random_text(6, 16, [4, 16, 7, 2, 11, 9])
     pixel_values = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    reference = plain_loss(
-        embedder, ClipLoss(), {"pixel_values": pixel_values, **device_text(text, torch.device("cpu"))}
-    )
+    objective = ClipObjective(embedder, ClipLoss())
+    reference = objective({"pixel_values": pixel_values, **device_text(text, torch.device("cpu"))}).loss
     reference.backward()
     reference_grads = gradients(embedder)
     embedder.zero_grad(set_to_none=True)
@@ -129,7 +128,7 @@ def test_cached_accumulation_of_packed_micro_batches_equals_one_large_batch():
         {"pixel_values": pixel_values[rows], **device_text({k: v[rows] for k, v in text.items()}, torch.device("cpu"))}
         for rows in (slice(0, 3), slice(3, 6))
     ]
-    loss = cached_accumulation_backward(embedder, ClipLoss(), micro_batches)
+    loss = cached_accumulation_backward(objective, micro_batches)
     torch.testing.assert_close(loss, reference.detach(), atol=1e-12, rtol=0)
     for name, grad in gradients(embedder).items():
         torch.testing.assert_close(grad, reference_grads[name], atol=1e-10, rtol=0, msg=name)
@@ -190,14 +189,14 @@ def test_the_recorder_sees_host_reads():
 @pytest.mark.parametrize("accumulation", ["plain", "cached"])
 def test_training_steps_read_nothing_back_after_the_first_batch(accumulation):
     torch.manual_seed(0)
-    embedder, loss_fn = ClipEmbedder(HfClipModel(tiny_config()).train()), ClipLoss()
+    objective = ClipObjective(ClipEmbedder(HfClipModel(tiny_config()).train()), ClipLoss())
     batch = {"pixel_values": pixels(), **device_text(text_batch(), torch.device("cpu"))}
 
     def step() -> None:
         if accumulation == "plain":
-            plain_loss(embedder, loss_fn, batch).backward()
+            objective(batch).loss.backward()
         else:
-            cached_accumulation_backward(embedder, loss_fn, [batch, batch])
+            cached_accumulation_backward(objective, [batch, batch])
 
     with host_reads() as first:
         step()
@@ -209,7 +208,7 @@ def test_training_steps_read_nothing_back_after_the_first_batch(accumulation):
     # The padded path checks its input on every call (clear errors for users), so it is not the training path.
     padded = {"pixel_values": batch["pixel_values"], **text_batch()}
     with host_reads() as reads:
-        plain_loss(embedder, loss_fn, padded).backward()
+        objective(padded).loss.backward()
     assert reads
 
 

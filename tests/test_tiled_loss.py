@@ -13,7 +13,8 @@ from hf_clip.data.batches import device_text
 from hf_clip.testing_utils import TINY_VIT, random_text, tiny_config
 from hf_clip.tiled_loss import tiled_clip_loss, tiled_sigmoid_loss
 from hf_clip.training import TrainConfig
-from hf_clip.training.steps import ClipEmbedder, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder
 
 BATCH, DIM, BIAS = 37, 16, -2.0
 # Relative to each tensor's largest entry: rounding only (float64), fp32 tolerance (float32).
@@ -179,16 +180,20 @@ def test_compiled_step_with_tiled_loss_is_one_graph(loss):
     if loss == "sigmoid":
         config.logit_bias_init_value = BIAS
     model = HfClipModel._from_config(config, attn_implementation="sdpa").train()
-    embedder = ClipEmbedder(model)
     loss_fn = ClipLoss(tile_size=3) if loss == "softmax" else SigLipLoss(tile_size=3)
+    objective = ClipObjective(ClipEmbedder(model), loss_fn)
     size = config.vision_config.image_size
     batch = {"pixel_values": torch.randn(8, 3, size, size), **device_text(random_text(8, 16), torch.device("cpu"))}
+
+    def step_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return objective(batch).loss
+
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(plain_loss)(embedder, loss_fn, batch)
+    explanation = torch._dynamo.explain(step_loss)(batch)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-    compiled = torch.compile(plain_loss, fullgraph=True, backend="aot_eager")(embedder, loss_fn, batch)
-    torch.testing.assert_close(compiled, plain_loss(embedder, loss_fn, batch), atol=1e-5, rtol=0)
+    compiled = torch.compile(step_loss, fullgraph=True, backend="aot_eager")(batch)
+    torch.testing.assert_close(compiled, step_loss(batch), atol=1e-5, rtol=0)
 
 
 def test_run_config_rejects_a_bad_loss_tile_size():

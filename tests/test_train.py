@@ -27,7 +27,8 @@ from hf_clip.data.streams import ClipBatches, random_crop
 from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
 from hf_clip.training import TrainConfig, main, parse_config
 from hf_clip.training.config import architecture
-from hf_clip.training.steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder, build_optimizer, cached_accumulation_backward
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -209,16 +210,16 @@ def test_cached_accumulation_equals_one_large_batch():
         for batch in random_micro_batches(count=3, size=4)
     ]
     whole = {name: torch.cat([batch[name] for batch in micro_batches]) for name in micro_batches[0]}
-    reference_loss = plain_loss(embedder, ClipLoss(), whole)
+    reference_loss = ClipObjective(embedder, ClipLoss())(whole).loss
     reference_loss.backward()
     reference = {name: param.grad.clone() for name, param in embedder.named_parameters()}
     embedder.zero_grad()
-    loss = cached_accumulation_backward(embedder, ClipLoss(), micro_batches)
+    loss = cached_accumulation_backward(ClipObjective(embedder, ClipLoss()), micro_batches)
     torch.testing.assert_close(loss, reference_loss.detach(), atol=1e-12, rtol=0)
     for name, param in embedder.named_parameters():
         torch.testing.assert_close(param.grad, reference[name], atol=1e-10, rtol=0, msg=name)
     # Plain accumulation (each micro-batch its own problem) is a different objective: the check above can fail.
-    plain = sum(plain_loss(embedder, ClipLoss(), batch) for batch in micro_batches) / 3
+    plain = sum(ClipObjective(embedder, ClipLoss())(batch).loss for batch in micro_batches) / 3
     assert abs(float(plain.detach()) - float(reference_loss.detach())) > 1e-3
 
 

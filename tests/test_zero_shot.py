@@ -13,9 +13,10 @@ from torch import nn
 from transformers import pipeline
 
 from hf_clip import ZeroShotClassifier, build_class_embeddings
+from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX, logit_multiplier
 from hf_clip.pipeline_zero_shot import ZERO_SHOT_ENSEMBLE_TASK
 from hf_clip.testing_utils import random_images, tiny_clip_tokenizer, tiny_image_processor, tiny_models
-from hf_clip.zero_shot import MAX_LOGIT_SCALE, encode_texts, fill_template
+from hf_clip.zero_shot import encode_texts, fill_template
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 CLASS_NAMES = ["cat", "dog", "car", "tree", "boat"]
@@ -85,7 +86,8 @@ def test_ensembling_changes_the_prediction():
     single = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], ["a photo of a {c}."])
     ensemble = ZeroShotClassifier.from_model(model, tokenizer, ["cat", "dog"], ["a photo of a {c}.", "art of a {c}."])
     # No logit_scale on the model: the cap, the paper's 100 as the model computes it (exp of ln 100 in float32).
-    assert single.logit_scale == ensemble.logit_scale == MAX_LOGIT_SCALE == pytest.approx(100.0, rel=1e-7)
+    cap = float(logit_multiplier(torch.tensor(LOGIT_SCALE_MAX)))
+    assert single.logit_scale == ensemble.logit_scale == cap == pytest.approx(100.0, rel=1e-7)
     assert single.predict(single.classify(model, image), k=1)[0][0]["label"] == "cat"
     assert ensemble.predict(ensemble.classify(model, image), k=1)[0][0]["label"] == "dog"
 

@@ -222,15 +222,16 @@ def sync_check(work: Path, device: str) -> None:
     from hf_clip import ClipLoss, HfClipConfig, HfClipModel
     from hf_clip.data.batches import device_text
     from hf_clip.synthetic import random_captions
-    from hf_clip.training.steps import ClipEmbedder, build_optimizer, clamp_logit_scale_, plain_loss
+    from hf_clip.training.objective import ClipObjective
+    from hf_clip.training.steps import ClipEmbedder, build_optimizer, clamp_logit_scale_
 
     config = HfClipConfig.from_json_file(BENCHMARKS / "tiny-vit.json")
     text, vision = config.tower_configs()
     model: HfClipModel = HfClipModel._from_config(config).to(torch.device(device))
     model.train()
-    embedder, loss_fn = ClipEmbedder(model), ClipLoss()
+    objective = ClipObjective(ClipEmbedder(model), ClipLoss())
     optimizer = build_optimizer(model, 1e-4, 0.2)
-    step_loss = torch.compile(plain_loss)
+    step_objective = torch.compile(objective.__call__)
     input_ids, attention_mask = random_captions(32, text.max_position_embeddings, text.bos_token_id or 0,
                                                 text.eos_token_id, min_length=6)  # fmt: skip
     size = vision.image_size
@@ -239,7 +240,7 @@ def sync_check(work: Path, device: str) -> None:
 
     def step() -> torch.Tensor:
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = step_loss(embedder, loss_fn, batch)
+            loss = step_objective(batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

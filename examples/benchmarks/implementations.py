@@ -78,9 +78,8 @@ def build_hf_clip(
     if checkpointing:
         # Recompute each encoder layer / ResNet block in the backward pass: activations of one layer at a time.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    backbone = config.tower_configs()[1].backbone
-    resnet_channels_last = optimised and backbone == "resnet" and device.type == "cuda"
-    if resnet_channels_last:
+    channels_last = optimised and model.vision_model.prefers_channels_last and device.type == "cuda"
+    if channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
 
     loss, encode = _clip_model_calls(model)
@@ -90,7 +89,7 @@ def build_hf_clip(
         loss=loss,
         encode=encode,
         prepare_text=_trimmed_text if optimised else _unchanged_text,
-        prepare_pixels=_channels_last if resnet_channels_last else _unchanged_pixels,
+        prepare_pixels=_channels_last if channels_last else _unchanged_pixels,
     )
 
 

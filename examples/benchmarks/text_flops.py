@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from hf_clip import ClipLoss, HfClipConfig, HfClipModel, HfClipTokenizer
 from hf_clip.data.text_batching import pack_text, trim_to_longest
 from hf_clip.synthetic import random_captions
-from hf_clip.training.steps import ClipEmbedder, plain_loss
+from hf_clip.training.objective import ClipObjective
+from hf_clip.training.steps import ClipEmbedder
 
 # Tokens per caption (BOS and EOS included) → number of captions, Conceptual Captions validation split, 15,833 captions
 # (`--captions` on `Validation_GCC-1.1.0-Validation.tsv` prints it). Mean 12.6 tokens, median 11, longest 48.
@@ -105,9 +106,9 @@ def count(embedder: ClipEmbedder, batch: Batch, lengths: list[int], text_only: b
     with counter(lengths) as flop_counter:
         if text_only:
             text_inputs = {name: value for name, value in batch.items() if name != "pixel_values"}
-            embedder(**text_inputs)[1].float().sum().backward()
+            embedder(**text_inputs).text_embeds.float().sum().backward()
         else:
-            plain_loss(embedder, ClipLoss(), batch).backward()
+            ClipObjective(embedder, ClipLoss())(batch).loss.backward()
     ops = flop_counter.get_flop_counts()["Global"]
     return flop_counter.get_total_flops(), torch.ops.torch_attn._varlen_attn in ops
 

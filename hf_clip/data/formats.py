@@ -129,7 +129,12 @@ def _load(fmt: DataFormat, files: list[str], split: str, streaming: bool, image_
     if fmt.name == "webdataset" and streaming:
         return sample_level_webdataset(files, split).as_streaming_dataset(split=split)
     if fmt.name == "imagefolder":
-        return datasets.load_dataset("imagefolder", data_dir=files[0], split=split, streaming=streaming)
+        folders = datasets.load_dataset("imagefolder", data_dir=files[0], streaming=streaming)
+        if split not in folders and len(folders) == 1:  # no split sub-folders: the whole folder is the split asked for
+            return next(iter(folders.values()))
+        if split not in folders:
+            raise ValueError(f"{files[0]} holds the split folders {sorted(folders)}, not {split!r}.")
+        return folders[split]
     if fmt.name == "arrow":
         saved = datasets.load_from_disk(files[0])
         if isinstance(saved, datasets.DatasetDict):

@@ -11,6 +11,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
 from ..data.fast_preprocessing import FastClipImagePreprocessor
 from ..image_processing_hf_clip import HfClipImageProcessor, load_image_bytes
+from ..saved_folders import check_model_folder
 from ..zero_shot import encode_images, encode_texts
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,6 +31,7 @@ def load_clip(
     are `None` (a folder saved for images only need not hold a tokenizer)."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}.")
+    check_model_folder(model_path)
     model = AutoModel.from_pretrained(model_path, dtype=TORCH_DTYPES[dtype]).to(device).eval()
     for method in ("get_image_features", "get_text_features"):
         if not callable(getattr(model, method, None)):

@@ -46,6 +46,7 @@ from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumen
 from transformers.hf_argparser import DataClassType
 
 from ..data.formats import LABEL_COLUMNS, TEXT_COLUMNS, DataFormatName, data_format
+from ..saved_folders import check_model_folder
 from ..zero_shot import ZeroShotClassifier, encode_images, encode_texts
 from .data import (
     IndexedImages,
@@ -171,6 +172,7 @@ def build_classifier(
 def evaluate_model(config: EvalConfig, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Runs the configured tasks; every process returns the same results."""
     accelerator = accelerator or Accelerator()
+    check_model_folder(config.model, "--model")
     model = AutoModel.from_pretrained(config.model, dtype=torch.float32).to(accelerator.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     image_processor = AutoImageProcessor.from_pretrained(config.model)

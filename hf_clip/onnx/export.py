@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
+from ..saved_folders import check_model_folder
 from ..zero_shot import pooled_features
 
 VISION_FILE = "vision_model.onnx"
@@ -144,6 +145,7 @@ def export_onnx(model_path: str, output_dir: str | Path, towers: Sequence[str] =
     against PyTorch; returns a report."""
     if not towers or not set(towers) <= set(TOWERS):
         raise ValueError(f"towers must name one or both of {TOWERS}, got {list(towers)}.")
+    check_model_folder(model_path)
     model = AutoModel.from_pretrained(model_path, dtype=torch.float32).eval()
     directory = Path(output_dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,13 @@ Importing this package imports accelerate and datasets (the `train` extra); `imp
 from .config import TrainConfig, parse_config
 from .finetuning import layer_decay_scales, layer_groups, lock_logit_parameters, lock_tower
 from .loop import main
+from .objective import ClipObjective, ObjectiveOutput
 from .steps import ClipEmbedder, build_optimizer, cached_accumulation_backward, clamp_logit_scale_
 
 __all__ = [
     "ClipEmbedder",
+    "ClipObjective",
+    "ObjectiveOutput",
     "TrainConfig",
     "build_optimizer",
     "cached_accumulation_backward",

@@ -16,11 +16,12 @@ from transformers.hf_argparser import DataClassType
 from ..configuration_hf_clip import HfClipConfig
 from ..data.formats import DataFormatName, DataSpec, resolve_files
 from ..image_processing_hf_clip import HfClipImageProcessor
+from ..loss import LOSSES
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
+from ..saved_folders import check_model_folder
 from ..tokenization_hf_clip import HfClipTokenizer, check_tokenizer
 
-LOSSES = ("softmax", "sigmoid")
 TRACKERS = ("none", "all", *(str(tracker.value) for tracker in LoggerType if tracker != LoggerType.ALL))
 SOURCE_FIELDS = {"name", "data_format", "data_files", "image_column", "text_column", "weight"}
 # SigLIP's initial temperature (ln 10) and bias (Zhai et al. 2023).
@@ -176,7 +177,17 @@ class TrainConfig:
     )
     logging_steps: int = 10
     save_steps: int = 0
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N complete checkpoints (at least 1). Default: all."}
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (the newest complete checkpoint; none yet: start fresh) or a checkpoint folder."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace the run in a non-empty output_dir (its checkpoints, logs, metrics and model/)."},
+    )
     stop_at_step: int | None = field(
         default=None, metadata={"help": "End the run after this step (after saving), as a preemption would."}
     )
@@ -190,6 +201,12 @@ class TrainConfig:
                 "with one pair there are no negatives and the contrastive loss is 0."
             )
         check_choices(self)
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(
+                f"save_total_limit must be at least 1 (or unset to keep all), got {self.save_total_limit}."
+            )
+        if self.overwrite_output_dir and self.resume is not None:
+            raise ValueError("overwrite_output_dir replaces the run in output_dir, resume continues it: give one.")
         if self.gradient_accumulation_steps < 1 or self.max_steps < 1 or self.logging_steps < 1:
             raise ValueError("gradient_accumulation_steps, max_steps and logging_steps must be positive.")
         if self.eval_data_files and not self.class_names:
@@ -197,7 +214,8 @@ class TrainConfig:
         if not self.templates:
             raise ValueError("templates is empty.")
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}.")
+            # Not a Literal: the registry is open (`hf_clip.loss.register_loss`).
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}.")
         if self.loss_tile_size is not None and self.loss_tile_size < 1:
             raise ValueError(f"loss_tile_size must be positive, got {self.loss_tile_size}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
@@ -336,6 +354,7 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
     """The model's configuration with the run's loss and patch dropout applied; from scratch, the text vocabulary
     and special ids come from the tokenizer."""
     if config.model_name_or_path is not None:
+        check_model_folder(config.model_name_or_path, "model_name_or_path")
         model_config = HfClipConfig.from_pretrained(config.model_name_or_path)
     else:
         name_or_path = str(config.model_config)
@@ -346,13 +365,13 @@ def architecture(config: TrainConfig, tokenizer: TokenizersBackend) -> HfClipCon
         values["text_config"].update(
             vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id
         )
-        if config.loss == "sigmoid" and values.get("logit_bias_init_value") is None:
+        if LOSSES[config.loss].uses_logit_bias and values.get("logit_bias_init_value") is None:
             values.update(logit_scale_init_value=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init_value=SIGLIP_LOGIT_BIAS_INIT)
-        model_config = HfClipConfig.from_dict(values)
-    has_bias = model_config.logit_bias_init_value is not None
-    if config.loss == "softmax" and has_bias:
-        raise ValueError("this model has a SigLIP bias (logit_bias): train it with loss='sigmoid'.")
-    if config.loss == "sigmoid" and not has_bias:
+        model_config = HfClipConfig.from_user_dict(values)
+    has_bias, uses_bias = model_config.logit_bias_init_value is not None, LOSSES[config.loss].uses_logit_bias
+    if has_bias and not uses_bias:
+        raise ValueError(f"this model has a SigLIP bias (logit_bias), which loss={config.loss!r} does not use.")
+    if uses_bias and not has_bias:
         # A softmax checkpoint fine-tuned with the sigmoid loss: from_pretrained adds the bias at its initial value.
         model_config.logit_bias_init_value = SIGLIP_LOGIT_BIAS_INIT
     if config.patch_dropout is not None:

@@ -23,7 +23,7 @@ class _TextFeatures(nn.Module):
         self.embedder = embedder
 
     def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.embedder(input_ids=input_ids, attention_mask=attention_mask)[1]
+        return self.embedder(input_ids=input_ids, attention_mask=attention_mask).text_embeds
 
 
 @torch.no_grad()
@@ -47,7 +47,7 @@ def zero_shot_accuracy(
             pixel_values, labels = batches[0][0][:1], None
         else:
             continue
-        image_embeds = embedder(pixel_values=pixel_values.to(accelerator.device))[0].float()
+        image_embeds = embedder(pixel_values=pixel_values.to(accelerator.device)).image_embeds.float()
         if labels is None:
             continue
         predictions = (image_embeds @ class_embeddings.t()).argmax(dim=-1).cpu()

@@ -1,11 +1,13 @@
 """Fine-tuning controls: layer groups of each tower, locking (LiT, Zhai et al. 2022), and layer-wise learning-rate
 decay.
 
-A tower is a stack of layer groups, bottom to top:
+A tower is a stack of layer groups, bottom to top, which each tower states itself (`layer_groups()` of
+`HfClipVisionTransformer`, `HfClipResNetModel` and `HfClipTextModel`); the joint model's projection into the shared
+space joins the top group (the ResNet's attention pool ends in its own). For example:
 
 - ViT image tower: the embeddings (patch, class token, positions) with the pre-LayerNorm, one group per block, and
-  the head (post-LayerNorm and the projection into the joint space);
-- ResNet image tower: the stem, the four stages, and the attention pool (which ends in the projection);
+  the head (post-LayerNorm and the projection);
+- ResNet image tower: the stem, the four stages, and the attention pool;
 - text tower: the embeddings (token, positions), one group per block, and the head (final LayerNorm and the
   projection).
 
@@ -22,28 +24,20 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..modeling_hf_clip import HfClipModel
-from ..modeling_resnet import HfClipResNetModel
 
 TOWERS = ("image", "text")
 
 
 def layer_groups(model: HfClipModel, tower: str) -> list[list[nn.Module]]:
     """The tower's layer groups, bottom (input) to top (projection), as the modules that own their parameters."""
+    projection: nn.Module
     if tower == "text":
-        text = model.text_model
-        return [
-            [text.embeddings],
-            *[[block] for block in text.encoder.layers],
-            [text.final_layer_norm, model.text_projection],
-        ]
-    if tower != "image":
+        groups, projection = model.text_model.layer_groups(), model.text_projection
+    elif tower == "image":
+        groups, projection = model.vision_model.layer_groups(), model.visual_projection
+    else:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}.")
-    vision = model.vision_model
-    if isinstance(vision, HfClipResNetModel):
-        stages: list[list[nn.Module]] = [[vision.layer1], [vision.layer2], [vision.layer3], [vision.layer4]]
-        return [[vision.stem], *stages, [vision.attention_pool]]
-    blocks = [[block] for block in vision.encoder.layers]
-    return [[vision.embeddings, vision.pre_layrnorm], *blocks, [vision.post_layernorm, model.visual_projection]]
+    return [*groups[:-1], [*groups[-1], projection]]
 
 
 def group_parameters(group: list[nn.Module]) -> Iterator[nn.Parameter]:

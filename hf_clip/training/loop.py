@@ -28,6 +28,7 @@ import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,22 +43,30 @@ from ..data.device_jpegs import DeviceJpegs
 from ..data.fast_preprocessing import FastClipImagePreprocessor
 from ..data.formats import DataSpec
 from ..data.streams import ClipBatches, labelled_batches, random_crop, skip_metrics
-from ..loss import ClipLoss, SigLipLoss
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
 from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
-from .state import DataCursor, checkpoint_to_resume, load_checkpoint, log_record, save_checkpoint, save_final
+from .launcher import end_with_launcher
+from .objective import ClipObjective, ObjectiveOutput
+from .run_folder import prepare_output_dir, run_fingerprint
+from .state import (
+    DataCursor,
+    checkpoint_to_resume,
+    drop_metrics_after,
+    load_checkpoint,
+    log_record,
+    save_checkpoint,
+    save_final,
+)
 from .steps import (
     ClipEmbedder,
-    TrainingLoss,
     base_learning_rate,
     build_optimizer,
     build_scheduler,
     cached_accumulation_backward,
     clamp_logit_scale_,
-    plain_loss,
 )
 
 if TYPE_CHECKING:  # importing it needs torchvision, which only `image_decoding="device"` requires
@@ -108,6 +117,7 @@ def lock_parameters(config: TrainConfig, model: HfClipModel) -> list[torch.nn.Ba
 
 
 def main(argv: list[str] | None = None) -> None:
+    end_with_launcher()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     config.validate()
     output_dir = Path(config.output_dir)
@@ -122,18 +132,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ValueError("fp16 autocast does not run on CPU (it would silently train in fp32); use bf16 or no.")
+    prepare_output_dir(accelerator, config)
     set_seed(config.seed)
     logger.info("%s", accelerator.state)
 
     tokenizer = build_tokenizer(config)
     model_config = architecture(config, tokenizer)
     processor = build_processor(model_config, tokenizer)
+    fingerprint = run_fingerprint(config, model_config, accelerator.num_processes)
     model = build_model(config, model_config).to(accelerator.device)  # before the optimizer: fused AdamW on CUDA
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     channels_last = on_cuda if config.channels_last is None else config.channels_last
-    if channels_last and model_config.tower_configs()[1].backbone == "resnet":
-        # cuDNN's fastest convolutions are NHWC; with NHWC weights PyTorch runs each convolution so (same math).
+    if channels_last and model.vision_model.prefers_channels_last:
         model.vision_model.to(memory_format=torch.channels_last)
     frozen_batchnorms = lock_parameters(config, model)
     scales = layer_decay_scales(model, config.layer_decay_image, config.layer_decay_text)
@@ -150,24 +161,23 @@ def main(argv: list[str] | None = None) -> None:
         optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps, config.decay_steps()
     )
     embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model, frozen_batchnorms), optimizer, scheduler)
-    loss_fn: TrainingLoss = (
-        ClipLoss(tile_size=config.loss_tile_size)
-        if config.loss == "softmax"
-        else SigLipLoss(tile_size=config.loss_tile_size)
-    )
-    step_loss = plain_loss
+    # The dense losses unless a tile size is set (options a registered loss may not take are not passed).
+    tiling = {} if config.loss_tile_size is None else {"tile_size": config.loss_tile_size}
+    objective = ClipObjective.from_name(embedder, config.loss, **tiling)
+    step_objective: Callable[[dict[str, torch.Tensor]], ObjectiveOutput] = objective
     if on_cuda if config.torch_compile is None else config.torch_compile:
         # Forward and loss as one graph (it compiles without graph breaks); backward through AOTAutograd. Cached
         # accumulation calls the embedder itself, so its forward is compiled too.
-        step_loss = torch.compile(plain_loss, mode=config.torch_compile_mode)
+        step_objective = torch.compile(objective.__call__, mode=config.torch_compile_mode)
         embedder.compile(mode=config.torch_compile_mode)
     batches, loader, image_decoder = train_batches(config, processor, accelerator)
 
     step, cursor = 0, DataCursor(num_sources=len(batches.sources))
     resume_from = checkpoint_to_resume(config.resume, output_dir)
     if resume_from is not None:
-        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources))
+        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources), fingerprint)
         logger.info("resumed from %s at step %d", resume_from, step)
+    drop_metrics_after(accelerator, output_dir, step)
     eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     if config.eval_data_files:
         eval_spec = DataSpec(
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         if config.accumulation_mode == "cached" and len(micro_batches) > 1:
             loss = cached_accumulation_backward(
-                embedder, loss_fn, micro_batches, accelerator.backward, lambda: accelerator.no_sync(embedder)
+                objective, micro_batches, accelerator.backward, lambda: accelerator.no_sync(embedder)
             )
         else:
             loss = torch.zeros((), device=accelerator.device)
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                 # Plain accumulation: each micro-batch is its own contrastive problem; gradients are averaged.
                 last = index == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else accelerator.no_sync(embedder):
-                    micro_loss = step_loss(embedder, loss_fn, batch) / len(micro_batches)
+                    micro_loss = step_objective(batch).loss / len(micro_batches)
                     accelerator.backward(micro_loss)
                 loss += micro_loss.detach()
         if config.max_grad_norm > 0:
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             record = {
                 "loss": accelerator.reduce(window_loss / window_steps, "mean").item(),
                 "learning_rate": base_learning_rate(optimizer),
-                "logit_scale": unwrapped.logit_scale.detach().float().exp().item(),
+                "logit_scale": unwrapped.logit_multiplier().detach().item(),
                 "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
                 "train_seconds": train_seconds,
                 **skip_metrics(skipped, batches.sources),
@@ -262,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
         if config.save_steps > 0 and step % config.save_steps == 0:
-            save_checkpoint(accelerator, output_dir / "checkpoints" / f"step_{step:08d}", step, cursor)
+            save_checkpoint(accelerator, output_dir, step, cursor, fingerprint, config.save_total_limit)
         if config.stop_at_step is not None and step >= config.stop_at_step:
             logger.info("stopping at step %d (stop_at_step); continue with --resume latest", step)
             accelerator.end_training()

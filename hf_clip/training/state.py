@@ -1,8 +1,11 @@
-"""What a training run keeps between steps and across restarts: each rank's data position, checkpoints, the final
-model folder, and the metrics log."""
+"""What a training run keeps between steps and across restarts: each rank's data position, checkpoints (written
+and checked by `checkpoints`), the final model folder, and the metrics log."""
 
+import contextlib
 import json
 import logging
+import pickle
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +16,28 @@ from accelerate import Accelerator
 from ..data.samples import SKIP_REASONS
 from ..data.streams import ClipBatches
 from ..processing_hf_clip import HfClipProcessor
+from .checkpoints import (
+    PARTIAL_SUFFIX,
+    TRAINING_STATE_FILE,
+    WRITE_ERRORS,
+    CheckpointError,
+    check_folder_files,
+    checkpoint_folder,
+    commit_folder,
+    earlier_checkpoint_advice,
+    fsync_tree,
+    is_complete,
+    latest_checkpoint,
+    partial_folder,
+    read_training_state,
+    rotate_checkpoints,
+    write_error,
+    write_folder_atomically,
+    write_synced,
+)
+from .run_folder import check_same_run
 
 logger = logging.getLogger(__name__)
-
-TRAINING_STATE_FILE = "training_state.json"
 
 
 class DataCursor:
@@ -75,50 +96,114 @@ class DataCursor:
 
 
 def checkpoint_to_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """`None`, a checkpoint folder, or `latest`: the highest step under `output_dir/checkpoints`."""
+    """`None`, a checkpoint folder, or `latest`: the newest complete checkpoint under `output_dir/checkpoints` (none
+    yet: a new run, so a preempted job's restart loop can always pass `--resume latest`)."""
     if resume is None:
         return None
     if resume == "latest":
-        checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
-        if not checkpoints:
-            raise FileNotFoundError(f"--resume latest: no checkpoint under {output_dir / 'checkpoints'}.")
-        return checkpoints[-1]
+        latest = latest_checkpoint(output_dir)
+        if latest is None:
+            logger.info("--resume latest: no complete checkpoint under %s yet, starting a new run", output_dir)
+        return latest
     path = Path(resume)
-    if not (path / TRAINING_STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint written by the training loop (no {TRAINING_STATE_FILE}).")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint written by the training loop (no {TRAINING_STATE_FILE}): "
+            "give a checkpoints/step_* folder, or --resume latest for the newest complete one."
+        )
     return path
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, num_sources: int) -> tuple[int, DataCursor]:
-    """Restore `save_state` and return the stored step and this rank's data position (skip counts for
-    `num_sources` training sources)."""
-    accelerator.load_state(str(path))
-    step = json.loads((path / TRAINING_STATE_FILE).read_text())["step"]
-    data_state = json.loads((path / f"data_state_rank{accelerator.process_index}.json").read_text())
-    cursor = DataCursor(**data_state, num_sources=num_sources)
-    return step, cursor
+def load_checkpoint(
+    accelerator: Accelerator, path: Path, num_sources: int, fingerprint: dict[str, Any]
+) -> tuple[int, DataCursor]:
+    """Check that `path` is intact and belongs to this run (`fingerprint`), restore `save_state` and return the
+    stored step and this rank's data position (skip counts for `num_sources` training sources)."""
+    advice = earlier_checkpoint_advice(path)
+    data_states = [f"data_state_rank{rank}.json" for rank in range(accelerator.num_processes)]
+    check_folder_files(path, [TRAINING_STATE_FILE, *data_states], advice)
+    training_state = read_training_state(path)
+    check_same_run(path, training_state.get("run"), fingerprint)
+    try:
+        accelerator.load_state(str(path))
+    except (*WRITE_ERRORS, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path} cannot be loaded ({type(error).__name__}: {error}). {advice}") from error
+    data_state = json.loads((path / data_states[accelerator.process_index]).read_text())
+    return training_state["step"], DataCursor(**data_state, num_sources=num_sources)
 
 
-def save_checkpoint(accelerator: Accelerator, path: Path, step: int, cursor: DataCursor) -> None:
-    """`save_state` (model, optimizer, scheduler, RNG) plus the step and every rank's data position."""
-    accelerator.save_state(str(path))
-    (path / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(cursor.state()))
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    cursor: DataCursor,
+    fingerprint: dict[str, Any],
+    save_total_limit: int | None = None,
+) -> None:
+    """`save_state` (model, optimizer, scheduler, RNG), every rank's data position, then the step and the run's
+    fingerprint, committed atomically (see `checkpoints`); the oldest checkpoints beyond `save_total_limit` go."""
+    final = checkpoint_folder(output_dir, step)
+    partial = partial_folder(final)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    with removed_on_write_error(accelerator, final, partial):
+        accelerator.save_state(str(partial))
+        write_synced(partial / f"data_state_rank{accelerator.process_index}.json", json.dumps(cursor.state()))
+        fsync_tree(partial)  # this rank's files (and the others': harmless) are on disk before the barrier
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (path / TRAINING_STATE_FILE).write_text(json.dumps({"step": step}))
+        with removed_on_write_error(accelerator, final, partial):
+            write_synced(partial / TRAINING_STATE_FILE, json.dumps({"step": step, "run": fingerprint}))
+            commit_folder(partial, final)
+        rotate_checkpoints(output_dir, save_total_limit)
     accelerator.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def removed_on_write_error(accelerator: Accelerator, final: Path, partial: Path) -> Iterator[None]:
+    """A failed write (a full disk) of this rank: the main process removes the partial folder (freeing the space),
+    and the error names the checkpoint and the free space. Barriers stay outside: a dead peer is not a write error."""
+    try:
+        yield
+    except WRITE_ERRORS as error:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise write_error(final, error) from error
+
+
 def save_final(accelerator: Accelerator, embedder: torch.nn.Module, processor: HfClipProcessor, path: Path) -> None:
-    """Model and processor in one folder; the full state dict is gathered first (FSDP shards it)."""
+    """Model and processor in one folder, committed atomically; the full state dict is gathered first (FSDP shards
+    it)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(embedder)
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(embedder).model
         prefix = "model."
-        model.save_pretrained(path, state_dict={k[len(prefix) :]: v for k, v in state_dict.items()})
-        processor.save_pretrained(path)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder, state_dict={k[len(prefix) :]: v for k, v in state_dict.items()})
+            processor.save_pretrained(folder)
+
+        write_folder_atomically(path, write)
         logger.info("saved model and processor to %s", path)
     accelerator.wait_for_everyone()
+
+
+def drop_metrics_after(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """Keep the `metrics.jsonl` lines up to `step` (where a run resumes): the steps it replays are logged again."""
+    path = output_dir / "metrics.jsonl"
+    if not accelerator.is_main_process or not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+        write_synced(partial, "".join(kept))
+        partial.replace(path)
+        logger.info(
+            "metrics.jsonl: dropped %d lines after step %d (logged again by this run)", len(lines) - len(kept), step
+        )
 
 
 def log_record(accelerator: Accelerator, output_dir: Path, step: int, record: dict[str, Any]) -> None:

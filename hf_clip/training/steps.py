@@ -2,36 +2,35 @@
 
 Accumulation over m micro-batches, two ways:
 
-- `plain` (`accelerator.accumulate`): each micro-batch is its own contrastive problem; a sample's negatives are
-  the other samples of its micro-batch (on all ranks). Gradients are averaged over micro-batches. Cheap, but the
-  loss is that of batch `per_device_batch_size × world_size`, not of the accumulated batch.
+- `plain` (the training loop back-propagates each micro-batch's loss divided by m in turn, under
+  `accelerator.no_sync` but for the last): each micro-batch is its own contrastive problem; a sample's negatives
+  are the other samples of its micro-batch (on all ranks). Gradients are averaged over micro-batches. Cheap, but
+  the loss is that of batch `per_device_batch_size × world_size`, not of the accumulated batch.
 - `cached` (`cached_accumulation_backward`): the loss of the whole accumulated batch, every sample against all
   `per_device_batch_size × world_size × m` others. Pass 1 embeds every micro-batch without gradients; pass 2
   re-embeds each micro-batch with gradients and back-propagates the full-batch loss with the other micro-batches'
-  embeddings as constants. The summed gradients equal those of one batch m times larger (the embeddings are
-  deterministic: CLIP has no dropout), at the cost of one extra forward pass and m loss evaluations.
+  embeddings as constants. Training-mode forwards draw random numbers (patch dropout's kept patches, attention
+  dropout), so pass 2 replays each micro-batch from the random state its pass-1 forward started from: both passes
+  embed the same patches, and the summed gradients equal those of one batch m times larger under the same draws,
+  at the cost of one extra forward pass and m loss evaluations.
 """
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_wsd_schedule
 
-from ..loss import ClipLoss, SigLipLoss
+from ..loss import ContrastiveInputs
 from ..modeling_hf_clip import LOGIT_SCALE_MAX, HfClipModel
 from .finetuning import ParameterScale
-
-# The contrastive losses a run can train with; both take `ClipEmbedder`'s outputs (`loss_fn(*outputs)`).
-TrainingLoss = ClipLoss | SigLipLoss
-# The paper's Adam settings per image-tower family (β2, ε).
-ADAM_SETTINGS = {"vit": (0.98, 1e-6), "resnet": (0.999, 1e-8)}
+from .objective import ClipObjective
 
 
 class ClipEmbedder(nn.Module):
-    """`HfClipModel` behind one forward that returns what `ClipLoss` takes.
+    """`HfClipModel` behind one forward that returns what the losses take, by name (`ContrastiveInputs`).
 
     Training goes through this forward only, so DDP's gradient hooks and FSDP's parameter gathering see every use of
     the weights (including `logit_scale`). Pass images, text or both; the missing side comes back as `None`.
@@ -57,10 +56,9 @@ class ClipEmbedder(nn.Module):
         # BatchNorm layers of locked ResNet stages (`hf_clip.training.finetuning.lock_tower`): always in eval mode,
         # so their running statistics stay those of the checkpoint.
         self.frozen_batchnorms = list(frozen_batchnorms)
-        # FSDP's transformer auto-wrap policy reads this from the root module and fails on a name the model lacks
-        # (a ViT model has no ResNet bottleneck), so keep the present ones.
-        present = {type(module).__name__ for module in model.modules()}
-        self._no_split_modules = [name for name in model._no_split_modules or [] if name in present]
+        # FSDP's transformer auto-wrap policy reads this from the root module and fails on a name the model lacks:
+        # the blocks of the model's own towers (each tower names its own; `post_init` gathers them).
+        self._no_split_modules = sorted(model._no_split_modules or [])
         self.packed_text_checked = False
 
     def train(self, mode: bool = True) -> "ClipEmbedder":
@@ -76,9 +74,9 @@ class ClipEmbedder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor | None, ...]:
-        """`(image_embeds, text_embeds, logit_scale)`, and `logit_bias` fourth for a model that has one (SigLIP):
-        the arguments of the run's loss after the embeddings (`loss_fn(*outputs)`)."""
+    ) -> ContrastiveInputs:
+        """The normalised embeddings, the capped `logit_scale` multiplier and the model's `logit_bias` (None
+        without one): the run's loss's arguments (`ClipObjective.score`)."""
         image_embeds = text_embeds = None
         # Tuple outputs: (last hidden state, pooled projected embedding).
         if pixel_values is not None:
@@ -87,10 +85,7 @@ class ClipEmbedder(nn.Module):
         if input_ids is not None:
             text_features = self.text_features(input_ids, attention_mask, position_ids, cu_seqlens)
             text_embeds = nn.functional.normalize(text_features, dim=-1)
-        logit_scale = self.model.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
-        if self.model.logit_bias is None:
-            return image_embeds, text_embeds, logit_scale
-        return image_embeds, text_embeds, logit_scale, self.model.logit_bias  # a SigLIP model's
+        return ContrastiveInputs(image_embeds, text_embeds, self.model.logit_multiplier(), self.model.logit_bias)
 
     def text_features(
         self,
@@ -151,12 +146,13 @@ def build_optimizer(
     scales: dict[int, ParameterScale] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay) over the trainable parameters, with the paper's β2 / ε for the model's image
-    tower unless overridden, and per-group learning rates `learning_rate * lr_scale` (layer-wise decay).
+    tower (its `adam_defaults`) unless overridden, and per-group learning rates `learning_rate * lr_scale`
+    (layer-wise decay).
 
     On CUDA the fused kernel updates every parameter in a few launches (the model must be on its device already);
     the update itself is the same AdamW.
     """
-    default_beta2, default_epsilon = ADAM_SETTINGS[model.config.tower_configs()[1].backbone]
+    default_beta2, default_epsilon = model.vision_model.adam_defaults
     groups = parameter_groups(model, weight_decay, scales)
     for group in groups:
         group["lr"] = learning_rate * group["lr_scale"]
@@ -196,19 +192,28 @@ def clamp_logit_scale_(model: HfClipModel) -> None:
     model.logit_scale.clamp_(max=LOGIT_SCALE_MAX)
 
 
-def text_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A training batch's text as `ClipEmbedder` takes it: the packed layout of `device_text`, or padded `input_ids`
-    alone (the attention mask is left out: see `ClipEmbedder`)."""
-    return {name: batch[name] for name in ("input_ids", "position_ids", "cu_seqlens") if name in batch}
+def random_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The default generators' states, of the CPU and of `device`'s accelerator (None on CPU): read on the host,
+    no device synchronisation."""
+    if device.type == "cpu":
+        return torch.get_rng_state(), None
+    return torch.get_rng_state(), torch.get_device_module(device.type).get_rng_state(device)
 
 
-def plain_loss(embedder: nn.Module, loss_fn: TrainingLoss, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return loss_fn(*embedder(batch["pixel_values"], **text_inputs(batch)))
+@contextlib.contextmanager
+def replayed_draws(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> Iterator[None]:
+    """Inside, random numbers are drawn from `state` (`random_state`'s) again; after, every generator continues
+    from where it was, so the run's random stream is the one without the replay."""
+    cpu_state, device_state = state
+    with torch.random.fork_rng(devices=[] if device_state is None else [device], device_type=device.type):
+        torch.set_rng_state(cpu_state)
+        if device_state is not None:
+            torch.get_device_module(device.type).set_rng_state(device_state, device)
+        yield
 
 
 def cached_accumulation_backward(
-    embedder: nn.Module,
-    loss_fn: TrainingLoss,
+    objective: ClipObjective,
     micro_batches: Sequence[dict[str, torch.Tensor]],
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -219,22 +224,39 @@ def cached_accumulation_backward(
     each pass-2 backward contributes a disjoint part of the one full-batch gradient). `no_sync` (e.g.
     `lambda: accelerator.no_sync(model)`) skips DDP's gradient all-reduce on all but the last micro-batch.
     """
+    device = micro_batches[0]["pixel_values"].device
+    states, cached = [], []
     with torch.no_grad():
-        cached = [embedder(batch["pixel_values"], **text_inputs(batch))[:2] for batch in micro_batches]
-    cached_images = [image for image, _ in cached]
-    cached_texts = [text for _, text in cached]
+        for batch in micro_batches:
+            states.append(random_state(device))
+            cached.append(objective.embed(batch))
+    cached_images, cached_texts = zip(*(both_sides(inputs) for inputs in cached), strict=True)
     loss = torch.zeros(())
     for index, batch in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
         context = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with context:
-            image_embeds, text_embeds, *logit_terms = embedder(batch["pixel_values"], **text_inputs(batch))
-            images = torch.cat([*cached_images[:index], image_embeds, *cached_images[index + 1 :]])
-            texts = torch.cat([*cached_texts[:index], text_embeds, *cached_texts[index + 1 :]])
+            with replayed_draws(states[index], device):
+                inputs = objective.embed(batch)
+            image_rows, text_rows = both_sides(inputs)
+            # This micro-batch's rows with gradients, every other one's as the constants of pass 1.
+            inputs.image_embeds = torch.cat([*cached_images[:index], image_rows, *cached_images[index + 1 :]])
+            inputs.text_embeds = torch.cat([*cached_texts[:index], text_rows, *cached_texts[index + 1 :]])
             # The temperature's (and bias's) gradient must be counted once, not once per micro-batch: on the last
             # one, whose backward is the one DDP synchronises (every parameter must take part in it).
             if not last:
-                logit_terms = [term.detach() for term in logit_terms]
-            loss = loss_fn(images, texts, *logit_terms)
+                inputs.logit_scale = detached(inputs.logit_scale)
+                inputs.logit_bias = detached(inputs.logit_bias)
+            loss = objective.score(inputs)
             backward(loss)
     return loss.detach()
+
+
+def detached(value: Any) -> Any:
+    """A tensor detached from the graph; None and numbers as they are."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def both_sides(inputs: ContrastiveInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(image_embeds, text_embeds)` of a training batch, which always has images and text."""
+    return cast(torch.Tensor, inputs.image_embeds), cast(torch.Tensor, inputs.text_embeds)
