@@ -1,6 +1,7 @@
 """Tiny configurations and reference objects for fast CPU tests (as `transformers.testing_utils` is for
 transformers): the package's tests import them from here, so every test file sees the same tiny models."""
 
+import os
 import string
 
 import numpy as np
@@ -112,3 +113,11 @@ def random_images(count: int, seed: int = 0, size: tuple[int, int] = (48, 40)) -
     """`count` RGB noise images of `size` (width, height)."""
     rng = np.random.default_rng(seed)
     return [PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def save_tiny_clip_folder(folder: "os.PathLike[str] | str", seed: int = 0) -> None:
+    """A tiny HfClipModel with its tokenizer and image processor saved in `folder`, as a trained run leaves them."""
+    torch.manual_seed(seed)
+    HfClipModel(tiny_config()).save_pretrained(folder)
+    tiny_clip_tokenizer().save_pretrained(folder)
+    tiny_image_processor().save_pretrained(folder)

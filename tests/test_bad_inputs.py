@@ -11,7 +11,8 @@ from hf_clip import HfClipConfig, HfClipModel, train_clip_bpe
 from hf_clip.data.formats import load_split
 from hf_clip.saved_folders import check_model_folder
 from hf_clip.testing_utils import TINY_TEXT, TINY_VIT, random_images, tiny_config
-from hf_clip.training.config import architecture, parse_config
+from hf_clip.training.builders import architecture
+from hf_clip.training.config import parse_config
 from hf_clip.wise_ft import wise_ft_folders
 
 

@@ -199,8 +199,8 @@ class ClipBatches(torch.utils.data.IterableDataset):
         device_jpegs: DeviceJpegs | None = None,
     ):
         super().__init__()
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2 (the contrastive loss of 1 pair is 0), got {batch_size}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
         self.sources = sources
         self.dataset = split_dataset_by_node(
             mixed_stream(sources, seed, shuffle_buffer), rank=rank, world_size=world_size

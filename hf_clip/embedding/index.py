@@ -137,7 +137,8 @@ class EmbeddingIndex:
         info: dict[str, Any] = {"modality": modality, "embedding_folder": str(Path(folder).resolve())}
         job_file = Path(folder) / JOB_FILE
         if job_file.is_file():
-            info["model"] = json.loads(job_file.read_text()).get("model")
+            job = json.loads(job_file.read_text())
+            info["model"], info["backend"] = job.get("model"), job.get("backend", "torch")
         return cls.from_vectors(vectors, metadata, settings or IndexSettings(), info)
 
     @property

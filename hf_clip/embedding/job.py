@@ -4,12 +4,14 @@
     accelerate launch examples/embed.py --model out/vit-b32 --data_format webdataset \\
         --data_files 'shards/*.tar' --text_column txt --embed image text --output_dir embeddings/
 
-`--model` is an hf_clip or transformers CLIP folder (model, tokenizer, image processor). The input is read by
-`hf_clip.data.formats` (local imagefolder, webdataset shards, parquet, arrow folders or csv); undecodable images,
-missing fields, bad or empty captions (when captions are embedded) and broken shards are skipped and counted by
-reason (`hf_clip.data.samples`), never fatal. The output
-is described in `hf_clip.embedding.layout`; how the input is cut into parts, and which process embeds which, in
-`hf_clip.embedding.samples`. Run again with the same arguments, a killed job embeds only the parts it had not
+`--model` is an hf_clip or transformers CLIP folder (model, tokenizer, image processor), or with `--backend onnx` or
+`onnx-int8` an ONNX folder (`hf-clip-export-onnx`, `hf-clip-quantize`); `--backend torch-int8` quantises the model's
+Linear layers on load (`hf_clip.embedding.backends`); the output layout is the same for every backend. The input is
+read by `hf_clip.data.formats` (local imagefolder, webdataset shards, parquet, arrow folders or csv); undecodable
+images, missing fields, bad or empty captions (when captions are embedded) and broken shards are skipped and counted
+by reason (`hf_clip.data.samples`), never fatal. The output is described in `hf_clip.embedding.layout`; how the input
+is cut into parts, and which process embeds which, in `hf_clip.embedding.samples`. Run again with the same
+arguments, a killed job embeds only the parts it had not
 finished. A progress bar counts the main process's samples; at the end the main process prints and writes
 `summary.json`: parts, stream examples, embedded samples, skipped samples by reason, and this run's samples per
 second (all processes' samples over the slowest one's time).
@@ -30,15 +32,8 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
 from ..data.formats import DataFormatName, DataSpec, data_format, resolve_files
-from .encoders import (
-    NUMPY_DTYPES,
-    TORCH_DTYPES,
-    ImagePreprocessor,
-    embedding_dim,
-    image_embeddings,
-    load_clip,
-    text_embeddings,
-)
+from .backends import BACKENDS, check_backend, load_encoder
+from .encoders import NUMPY_DTYPES, TORCH_DTYPES
 from .layout import (
     CAPTION_COLUMN,
     JOB_FILE,
@@ -84,6 +79,10 @@ class EmbedConfig:
     )
     output_dtype: str = field(default="float16", metadata={"help": "float16 | float32"})
     model_dtype: str = field(default="float32", metadata={"help": "float32 | float16 | bfloat16"})
+    backend: str = field(
+        default="torch",
+        metadata={"help": f"{' | '.join(BACKENDS)} (hf_clip.embedding.backends); onnx ones take an ONNX folder."},
+    )
 
     def __post_init__(self) -> None:
         data_format(self.data_format)  # a known format, or a clear error
@@ -95,6 +94,7 @@ class EmbedConfig:
             raise ValueError(f"output_dtype must be one of {list(NUMPY_DTYPES)}, got {self.output_dtype!r}.")
         if self.model_dtype not in TORCH_DTYPES:
             raise ValueError(f"model_dtype must be one of {list(TORCH_DTYPES)}, got {self.model_dtype!r}.")
+        check_backend(self.backend, dtype=self.model_dtype)
         if self.batch_size < 1 or self.part_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size and part_size must be positive and num_workers non-negative.")
 
@@ -110,6 +110,7 @@ JOB_SETTINGS = (
     "part_size",
     "output_dtype",
     "model_dtype",
+    "backend",
 )
 
 
@@ -173,15 +174,15 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
     settings = job_settings(config, data_files)
     check_resumable(output_dir, settings)  # every process, before anything is written: they fail together
     embed_images, embed_texts = "image" in config.embed, "text" in config.embed
-    model, tokenizer, image_processor = load_clip(
-        config.model, accelerator.device, config.model_dtype, images=embed_images, text=embed_texts
-    )
+    # The int8 and ONNX backends run on the CPU whatever device accelerate picked.
+    device = accelerator.device if config.backend == "torch" else torch.device("cpu")
+    encoder = load_encoder(config.model, config.backend, device, config.model_dtype, embed_images, embed_texts)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / JOB_FILE).write_text(json.dumps(settings, indent=2) + "\n")
     finished = set(finished_parts(output_dir))
-    preprocess = ImagePreprocessor(image_processor) if embed_images else None
+    preprocess = encoder.preprocess if embed_images else None
     parts = PartBatches(
         spec,
         preprocess,
@@ -197,7 +198,7 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
         parts, batch_size=None, num_workers=config.num_workers, collate_fn=PartBatches.collate
     )
     output_dtype = NUMPY_DTYPES[config.output_dtype]
-    dim = embedding_dim(model)
+    dim = encoder.embedding_dim
     buffers: dict[int, PartBuffer] = {}
     samples = parts_written = 0
     start = time.perf_counter()
@@ -206,9 +207,9 @@ def embed_dataset(config: EmbedConfig, accelerator: Accelerator | None = None) -
         buffer = buffers.setdefault(batch["part"], PartBuffer())
         if batch["keys"]:
             if embed_images:
-                buffer.add("image", image_embeddings(model, batch["pixel_values"]).astype(output_dtype))
+                buffer.add("image", encoder.embed_pixel_values(batch["pixel_values"]).astype(output_dtype))
             if embed_texts:
-                buffer.add("text", text_embeddings(model, tokenizer, batch["captions"]).astype(output_dtype))
+                buffer.add("text", encoder.embed_texts(batch["captions"]).astype(output_dtype))
             buffer.keys.extend(batch["keys"])
             if batch["captions"] is not None:
                 buffer.captions.extend(batch["captions"])

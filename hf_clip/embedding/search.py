@@ -3,9 +3,10 @@
     hf-clip-search --index_folder index/ --text "a dog on a beach" --k 5
     hf-clip-search --index_folder index/ --image query.jpg
 
-The query is embedded by the model that made the index's embeddings (recorded in the index; `--model` overrides
-it) with its own tokenizer or image processor, exactly as the embedding job embeds, and the index returns the `k`
-best rows with their cosine similarity: a text finds images in an image index, an image finds similar images.
+The query is embedded by the model and backend that made the index's embeddings (recorded in the index; `--model`
+and `--backend` override them) with its own tokenizer or image processor, exactly as the embedding job embeds, and
+the index returns the `k` best rows with their cosine similarity: a text finds images in an image index, an image
+finds similar images.
 """
 
 import json
@@ -17,18 +18,17 @@ import torch
 from transformers import HfArgumentParser
 from transformers.hf_argparser import DataClassType
 
-from .encoders import ImageInput, ImagePreprocessor, image_embeddings, load_clip, text_embeddings
+from .backends import BACKENDS, ClipEncoder, load_encoder
+from .encoders import ImageInput
 from .index import EmbeddingIndex
 
 
 class ClipSearcher:
-    """An `EmbeddingIndex` and the CLIP model whose embedding space it holds."""
+    """An `EmbeddingIndex` and the encoder (model and backend) whose embedding space it holds."""
 
-    def __init__(self, index: EmbeddingIndex, model: Any, tokenizer: Any, image_processor: Any):
+    def __init__(self, index: EmbeddingIndex, encoder: ClipEncoder):
         self.index = index
-        self.model = model
-        self.tokenizer = tokenizer
-        self.preprocess = ImagePreprocessor(image_processor)
+        self.encoder = encoder
 
     @classmethod
     def from_pretrained(
@@ -37,14 +37,14 @@ class ClipSearcher:
         model: str | None = None,
         modality: str = "image",
         device: torch.device | str = "cpu",
+        backend: str | None = None,
     ) -> "ClipSearcher":
-        """Loads the index and the model named by `model`, else the one recorded in the index."""
+        """Loads the index and the model (and backend) named, else the ones recorded in the index."""
         index = EmbeddingIndex.load(index_folder, modality)
         model_path = model or index.info.get("model")
         if not model_path:
             raise ValueError(f"{index_folder} does not record its model; pass one.")
-        clip, tokenizer, image_processor = load_clip(model_path, device)
-        return cls(index, clip, tokenizer, image_processor)
+        return cls(index, load_encoder(model_path, backend or index.info.get("backend") or "torch", device))
 
     def embed_query(self, text: str | None = None, image: ImageInput | None = None) -> np.ndarray:
         """(1, dim) normalised float32 embedding of exactly one of `text` and `image`."""
@@ -53,10 +53,13 @@ class ClipSearcher:
         if text is not None:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"the text query must be a non-empty string, got {text!r}.")
-            return text_embeddings(self.model, self.tokenizer, [text])
+            return self.encoder.embed_texts([text])
         assert image is not None
         name = str(image) if isinstance(image, str) else "query image"
-        return image_embeddings(self.model, self.preprocess(image, name=name)[None])
+        preprocess = self.encoder.preprocess
+        if preprocess is None:
+            raise ValueError("this model folder has no image processor: it cannot embed an image query.")
+        return self.encoder.embed_pixel_values(preprocess(image, name=name)[None])
 
     def search(self, text: str | None = None, image: ImageInput | None = None, k: int = 10) -> list[dict[str, Any]]:
         """The `k` best rows for a text or an image query, best first: their metadata and `score` (cosine)."""
@@ -70,9 +73,10 @@ def search(
     k: int = 10,
     model: str | None = None,
     modality: str = "image",
+    backend: str | None = None,
 ) -> list[dict[str, Any]]:
     """One query against a saved index (loads the index and model: keep a `ClipSearcher` for many queries)."""
-    return ClipSearcher.from_pretrained(index_folder, model, modality).search(text, image, k)
+    return ClipSearcher.from_pretrained(index_folder, model, modality, backend=backend).search(text, image, k)
 
 
 @dataclass
@@ -83,11 +87,16 @@ class SearchCommand:
     k: int = 10
     model: str | None = field(default=None, metadata={"help": "Default: the model recorded in the index."})
     modality: str = field(default="image", metadata={"help": "Which saved index to search: image | text."})
+    backend: str | None = field(
+        default=None, metadata={"help": f"{' | '.join(BACKENDS)}; default: the one that made the embeddings."}
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     (command,) = HfArgumentParser(DataClassType(SearchCommand)).parse_args_into_dataclasses(args=argv)
-    hits = search(command.index_folder, command.text, command.image, command.k, command.model, command.modality)
+    hits = search(
+        command.index_folder, command.text, command.image, command.k, command.model, command.modality, command.backend
+    )
     print(json.dumps(hits, indent=2, ensure_ascii=False))
 
 

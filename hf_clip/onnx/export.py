@@ -29,11 +29,8 @@ from transformers.hf_argparser import DataClassType
 
 from ..saved_folders import check_model_folder
 from ..zero_shot import pooled_features
+from .folders import TEXT_FILE, TOWER_FILES, TOWERS, VISION_FILE
 
-VISION_FILE = "vision_model.onnx"
-TEXT_FILE = "text_model.onnx"
-TOWER_FILES = {"vision": VISION_FILE, "text": TEXT_FILE}
-TOWERS = tuple(TOWER_FILES)
 PARITY_ATOL = 1e-4
 EXAMPLE_BATCH = 2  # the traced example; the exported batch dimension is dynamic
 

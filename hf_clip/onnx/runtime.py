@@ -6,7 +6,8 @@
     scores = image_embeds @ text_embeds.T
 
 Images go through the folder's own image processor (hf_clip's bit-exact fast path when it is hf_clip's) and texts
-through its tokenizer, so the embeddings equal the PyTorch model's.
+through its tokenizer, so the embeddings equal the PyTorch model's. An int8 folder written by `hf-clip-quantize`
+loads the same way; `quantization` then holds its `quantization.json` (None for fp32).
 """
 
 from collections.abc import Sequence
@@ -16,10 +17,10 @@ from typing import Any
 import numpy as np
 import onnxruntime
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from ..embedding.encoders import ImageInput, ImagePreprocessor
-from .export import TEXT_FILE, VISION_FILE
+from .folders import TEXT_FILE, VISION_FILE, quantization
 
 
 class OnnxClipEmbedder:
@@ -33,7 +34,10 @@ class OnnxClipEmbedder:
     ):
         self.directory = Path(folder)
         if not any((self.directory / name).is_file() for name in (VISION_FILE, TEXT_FILE)):
-            raise FileNotFoundError(f"{self.directory} holds neither {VISION_FILE} nor {TEXT_FILE}.")
+            raise FileNotFoundError(
+                f"{self.directory} holds neither {VISION_FILE} nor {TEXT_FILE}: not an ONNX folder (make one with "
+                "hf-clip-export-onnx, or an int8 one with hf-clip-quantize)."
+            )
 
         def session(name: str) -> onnxruntime.InferenceSession | None:
             path = self.directory / name
@@ -46,6 +50,8 @@ class OnnxClipEmbedder:
         # A folder exported with one tower serves that modality only.
         self.vision_session = session(VISION_FILE)
         self.text_session = session(TEXT_FILE)
+        self.quantization = quantization(self.directory)
+        self.embedding_dim = int(AutoConfig.from_pretrained(self.directory).projection_dim)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(self.directory)
         self.preprocess = ImagePreprocessor(AutoImageProcessor.from_pretrained(self.directory))
 

@@ -29,9 +29,9 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -45,7 +45,8 @@ from ..data.formats import DataSpec
 from ..data.streams import ClipBatches, labelled_batches, random_crop, skip_metrics
 from ..modeling_hf_clip import HfClipModel
 from ..processing_hf_clip import HfClipProcessor
-from .config import TrainConfig, architecture, build_model, build_processor, build_tokenizer, parse_config
+from .builders import architecture, build_model, build_processor, build_tokenizer
+from .config import TrainConfig, parse_config
 from .evaluation import zero_shot_accuracy
 from .finetuning import layer_decay_scales, lock_logit_parameters, lock_tower
 from .launcher import end_with_launcher
@@ -116,10 +117,32 @@ def lock_parameters(config: TrainConfig, model: HfClipModel) -> list[torch.nn.Ba
     return frozen_batchnorms
 
 
-def main(argv: list[str] | None = None) -> None:
-    end_with_launcher()
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    config.validate()
+@dataclass
+class TrainingRun:
+    """Everything a run's steps use, built once by `setup_run`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    output_dir: Path
+    processor: HfClipProcessor
+    fingerprint: dict[str, Any]
+    embedder: torch.nn.Module
+    objective: ClipObjective
+    step_objective: Callable[[dict[str, torch.Tensor]], ObjectiveOutput]  # compiled or not
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: ClipBatches
+    loader: torch.utils.data.DataLoader
+    image_decoder: "DeviceImagePreprocessor | None"
+    eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None
+
+    @property
+    def model(self) -> HfClipModel:
+        return self.accelerator.unwrap_model(self.embedder).model
+
+
+def setup_run(config: TrainConfig) -> TrainingRun:
+    """The accelerator, output folder, model, optimizer, objective and data of a validated run config."""
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
@@ -171,114 +194,166 @@ def main(argv: list[str] | None = None) -> None:
         step_objective = torch.compile(objective.__call__, mode=config.torch_compile_mode)
         embedder.compile(mode=config.torch_compile_mode)
     batches, loader, image_decoder = train_batches(config, processor, accelerator)
+    return TrainingRun(
+        config,
+        accelerator,
+        output_dir,
+        processor,
+        fingerprint,
+        embedder,
+        objective,
+        step_objective,
+        optimizer,
+        scheduler,
+        batches,
+        loader,
+        image_decoder,
+        evaluation_batches(config, processor, accelerator),
+    )
 
-    step, cursor = 0, DataCursor(num_sources=len(batches.sources))
-    resume_from = checkpoint_to_resume(config.resume, output_dir)
+
+def evaluation_batches(
+    config: TrainConfig, processor: HfClipProcessor, accelerator: Accelerator
+) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """This rank's share of the zero-shot evaluation split (skips logged), or `None` without one."""
+    if not config.eval_data_files:
+        return None
+    eval_spec = DataSpec(
+        config.eval_data_format, config.eval_files(), config.image_column, label_column=config.eval_label_column
+    )
+    eval_batches, eval_skipped = labelled_batches(
+        eval_spec,
+        processor.image_processor,
+        config.per_device_eval_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.eval_max_samples,
+    )
+    if eval_skipped:
+        logger.warning("rank %d: evaluation samples skipped: %s", accelerator.process_index, dict(eval_skipped))
+    return eval_batches
+
+
+def train_step(run: TrainingRun, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """One optimizer step over `micro_batches` (cached or plain accumulation); returns the step's loss, on the
+    device (nothing is read back)."""
+    config, accelerator = run.config, run.accelerator
+    if config.accumulation_mode == "cached" and len(micro_batches) > 1:
+        loss = cached_accumulation_backward(
+            run.objective, micro_batches, accelerator.backward, lambda: accelerator.no_sync(run.embedder)
+        )
+    else:
+        loss = torch.zeros((), device=accelerator.device)
+        for index, batch in enumerate(micro_batches):
+            # Plain accumulation: each micro-batch is its own contrastive problem; gradients are averaged.
+            last = index == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(run.embedder):
+                micro_loss = run.step_objective(batch).loss / len(micro_batches)
+                accelerator.backward(micro_loss)
+            loss += micro_loss.detach()
+    if config.max_grad_norm > 0:
+        accelerator.clip_grad_norm_(run.embedder.parameters(), config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    clamp_logit_scale_(run.model)
+    return loss
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last logged record: their count, summed loss (on the device) and wall-clock start."""
+
+    device: torch.device
+    steps: int = 0
+    loss: torch.Tensor | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.steps += 1
+        self.loss = loss if self.loss is None else self.loss + loss
+
+
+def log_and_evaluate(
+    run: TrainingRun, step: int, window: LogWindow, cursor: DataCursor, train_seconds: float, evaluate: bool
+) -> dict[str, Any]:
+    """The metrics record of `window` (losses averaged over ranks, skips summed), with zero-shot accuracy when
+    `evaluate`; written to the trackers and metrics.jsonl."""
+    config, accelerator = run.config, run.accelerator
+    samples_per_step = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    assert window.loss is not None  # a window holds at least one step
+    skipped = accelerator.reduce(cursor.skipped.to(accelerator.device), "sum")
+    record = {
+        "loss": accelerator.reduce(window.loss / window.steps, "mean").item(),
+        "learning_rate": base_learning_rate(run.optimizer),
+        "logit_scale": run.model.logit_multiplier().detach().item(),
+        "samples_per_second": window.steps * samples_per_step / (time.perf_counter() - window.start),
+        "train_seconds": train_seconds,
+        **skip_metrics(skipped, run.batches.sources),
+    }
+    if evaluate and run.eval_batches is not None:
+        run.embedder.eval()
+        for name, templates in (
+            ("zero_shot_top1", config.templates[:1]),
+            ("zero_shot_top1_ensemble", config.templates),
+        ):
+            tokenizer = run.processor.tokenizer
+            record[name] = zero_shot_accuracy(
+                accelerator, run.embedder, tokenizer, config.class_names, templates, run.eval_batches
+            )
+        run.embedder.train()
+    log_record(accelerator, run.output_dir, step, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    end_with_launcher()
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    config.validate()
+    run = setup_run(config)
+    accelerator = run.accelerator
+
+    step, cursor = 0, DataCursor(num_sources=len(run.batches.sources))
+    resume_from = checkpoint_to_resume(config.resume, run.output_dir)
     if resume_from is not None:
-        step, cursor = load_checkpoint(accelerator, resume_from, len(batches.sources), fingerprint)
+        step, cursor = load_checkpoint(accelerator, resume_from, len(run.batches.sources), run.fingerprint)
         logger.info("resumed from %s at step %d", resume_from, step)
-    drop_metrics_after(accelerator, output_dir, step)
-    eval_batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    if config.eval_data_files:
-        eval_spec = DataSpec(
-            config.eval_data_format,
-            config.eval_files(),
-            config.image_column,
-            label_column=config.eval_label_column,
-        )
-        eval_batches, eval_skipped = labelled_batches(
-            eval_spec,
-            processor.image_processor,
-            config.per_device_eval_batch_size,
-            accelerator.process_index,
-            accelerator.num_processes,
-            config.eval_max_samples,
-        )
-        if eval_skipped:
-            logger.warning("rank %d: evaluation samples skipped: %s", accelerator.process_index, dict(eval_skipped))
-
+    drop_metrics_after(accelerator, run.output_dir, step)
     accelerator.init_trackers(
         "logs", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in asdict(config).items()}
     )
-    stream = cursor.stream(batches, loader, accelerator.process_index)
-    samples_per_step = config.per_device_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+    stream = cursor.stream(run.batches, run.loader, accelerator.process_index)
     progress = tqdm(total=config.max_steps, initial=step, disable=not accelerator.is_main_process, desc="train")
-    unwrapped = accelerator.unwrap_model(embedder).model
-    window_start, window_steps, window_loss = time.perf_counter(), 0, torch.zeros((), device=accelerator.device)
-
-    embedder.train()
+    window = LogWindow(accelerator.device)
+    run.embedder.train()
     train_seconds = 0.0  # time in training steps only (no evaluation, logging or checkpointing)
     while step < config.max_steps:
         step_start = time.perf_counter()
         micro_batches = [
-            device_batch(next(stream), accelerator.device, image_decoder)
+            device_batch(next(stream), accelerator.device, run.image_decoder)
             for _ in range(config.gradient_accumulation_steps)
         ]
-        if config.accumulation_mode == "cached" and len(micro_batches) > 1:
-            loss = cached_accumulation_backward(
-                objective, micro_batches, accelerator.backward, lambda: accelerator.no_sync(embedder)
-            )
-        else:
-            loss = torch.zeros((), device=accelerator.device)
-            for index, batch in enumerate(micro_batches):
-                # Plain accumulation: each micro-batch is its own contrastive problem; gradients are averaged.
-                last = index == len(micro_batches) - 1
-                with contextlib.nullcontext() if last else accelerator.no_sync(embedder):
-                    micro_loss = step_objective(batch).loss / len(micro_batches)
-                    accelerator.backward(micro_loss)
-                loss += micro_loss.detach()
-        if config.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(embedder.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        clamp_logit_scale_(unwrapped)
+        window.add(train_step(run, micro_batches))
         step += 1
         train_seconds += time.perf_counter() - step_start
         progress.update(1)
-        window_steps += 1
-        window_loss += loss
 
         last_step = step == config.max_steps
-        should_eval = eval_batches is not None and (
+        evaluate = run.eval_batches is not None and (
             last_step or (config.eval_steps > 0 and step % config.eval_steps == 0)
         )
-        if should_eval or last_step or step % config.logging_steps == 0:
-            skipped = accelerator.reduce(cursor.skipped.to(accelerator.device), "sum")
-            record = {
-                "loss": accelerator.reduce(window_loss / window_steps, "mean").item(),
-                "learning_rate": base_learning_rate(optimizer),
-                "logit_scale": unwrapped.logit_multiplier().detach().item(),
-                "samples_per_second": window_steps * samples_per_step / (time.perf_counter() - window_start),
-                "train_seconds": train_seconds,
-                **skip_metrics(skipped, batches.sources),
-            }
-            if eval_batches is not None and should_eval:
-                embedder.eval()
-                for name, templates in (
-                    ("zero_shot_top1", config.templates[:1]),
-                    ("zero_shot_top1_ensemble", config.templates),
-                ):
-                    record[name] = zero_shot_accuracy(
-                        accelerator, embedder, processor.tokenizer, config.class_names, templates, eval_batches
-                    )
-                embedder.train()
-            log_record(accelerator, output_dir, step, record)
+        if evaluate or last_step or step % config.logging_steps == 0:
+            record = log_and_evaluate(run, step, window, cursor, train_seconds, evaluate)
             progress.set_postfix(loss=f"{record['loss']:.3f}", skipped=record["skipped_samples"])
-            window_start, window_steps, window_loss = (
-                time.perf_counter(),
-                0,
-                torch.zeros((), device=accelerator.device),
-            )
-
+            window = LogWindow(accelerator.device)
         if config.save_steps > 0 and step % config.save_steps == 0:
-            save_checkpoint(accelerator, output_dir, step, cursor, fingerprint, config.save_total_limit)
+            save_checkpoint(accelerator, run.output_dir, step, cursor, run.fingerprint, config.save_total_limit)
         if config.stop_at_step is not None and step >= config.stop_at_step:
             logger.info("stopping at step %d (stop_at_step); continue with --resume latest", step)
             accelerator.end_training()
             return
     progress.close()
-    save_final(accelerator, embedder, processor, output_dir / "model")
+    save_final(accelerator, run.embedder, run.processor, run.output_dir / "model")
     accelerator.end_training()
 
 

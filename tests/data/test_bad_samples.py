@@ -14,13 +14,16 @@ import PIL.Image
 import pytest
 import torch
 
-from hf_clip import HfClipImageProcessor, HfClipModel, train_clip_bpe
+from hf_clip import HfClipImageProcessor, train_clip_bpe
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
 from hf_clip.data.formats import DataSpec, open_source
 from hf_clip.data.samples import SKIP_REASONS
 from hf_clip.data.streams import ClipBatches, random_crop
 from hf_clip.embedding.job import EmbedConfig, embed_dataset
-from hf_clip.testing_utils import TINY_IMAGE_SIZE, tiny_clip_tokenizer, tiny_config, tiny_image_processor
+from hf_clip.testing_utils import (
+    TINY_IMAGE_SIZE,
+    save_tiny_clip_folder,
+)
 
 PER_SHARD = 10
 PROCESSOR = HfClipImageProcessor(
@@ -132,11 +135,8 @@ def test_a_complete_archive_is_not_taken_for_a_cut_one(shards):
 
 
 def test_the_embedding_job_counts_the_same_skips(shards, tmp_path):
-    torch.manual_seed(0)
     model = tmp_path / "model"
-    HfClipModel(tiny_config()).save_pretrained(model)
-    tiny_clip_tokenizer().save_pretrained(model)
-    tiny_image_processor().save_pretrained(model)
+    save_tiny_clip_folder(model)
     files = [shards[name] for name in ("bad", "clean", "cut_inside", "cut_between")]
     config = EmbedConfig(
         model=str(model),

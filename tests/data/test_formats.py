@@ -14,7 +14,7 @@ import torch
 from accelerate import Accelerator
 from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from hf_clip import HfClipImageProcessor, HfClipModel, train_clip_bpe
+from hf_clip import HfClipImageProcessor, train_clip_bpe
 from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
 from hf_clip.data.formats import FORMATS, DataSpec, load_split, open_source, resolve_files
 from hf_clip.data.streams import ClipBatches, random_crop
@@ -24,9 +24,9 @@ from hf_clip.evaluation.runner import EvalConfig, evaluate_model
 from hf_clip.testing_utils import (
     TINY_IMAGE_SIZE,
     random_images,
+    save_tiny_clip_folder,
     tiny_clip_tokenizer,
     tiny_config,
-    tiny_image_processor,
 )
 from hf_clip.training.loop import main
 
@@ -74,11 +74,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("model")
-    HfClipModel(tiny_config()).save_pretrained(folder)
-    tiny_clip_tokenizer().save_pretrained(folder)
-    tiny_image_processor().save_pretrained(folder)
+    save_tiny_clip_folder(folder)
     return folder
 
 

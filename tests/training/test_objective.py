@@ -10,7 +10,7 @@ from hf_clip.modeling_hf_clip import LOGIT_SCALE_MAX, VISION_TOWERS
 from hf_clip.modeling_layers import HfClipVisionTower
 from hf_clip.testing_utils import TINY_RESNET, TINY_VIT, random_text, tiny_clip_tokenizer, tiny_config
 from hf_clip.training import ClipObjective, TrainConfig
-from hf_clip.training.config import architecture
+from hf_clip.training.builders import architecture
 from hf_clip.training.steps import ClipEmbedder
 
 
