@@ -13,7 +13,7 @@ OLDEST_VENV := .venv-oldest
 # The GPU machine (Python 3.12, torch 2.11, torchvision, accelerate, tensorboard, timm, pyarrow preinstalled; no
 # network) lacks these; `make gpu-wheels` fetches them here into $(GPU_WHEELS), which travels with the check.
 GPU_WHEELS := .gpu/wheels
-GPU_PACKAGES := transformers==5.24.0 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth datasets==5.2.0 dill multiprocess
+GPU_PACKAGES := transformers==5.24.0 open_clip_torch==3.3.0 inf-cl==1.2.1 ftfy==6.3.1 wcwidth datasets==5.2.0 dill multiprocess
 GPU_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 GPU_SITE := /tmp/hf_clip_site
 

@@ -8,6 +8,7 @@ The training losses sit in one registry, `LOSSES`, by the name a run config give
 loss takes the named `ContrastiveInputs` fields as keyword arguments (`loss(**inputs.arguments())`).
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeVar
@@ -16,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import _functional_collectives as funcol
+
+from .tiled_loss import check_tile_size, tiled_clip_loss, tiled_sigmoid_loss
 
 
 def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,6 +194,9 @@ class ClipLoss(GlobalBatchLoss):
         gather_with_grad: gather with an autograd all-gather. Keep it `True`: a detached gather drops the
             gradient each rank's rows receive as negatives of the other ranks, so training no longer matches the
             single-process run on the global batch (tests/test_loss.py shows the mismatch).
+        tile_size: compute the loss in (tile_size × tile_size) blocks of logits (`hf_clip.tiled_loss`): the same
+            value and gradients in memory O(batch · dim + tile_size²) instead of O(local × global). `None`: the
+            dense matrices.
 
     Scaling: with `local_loss=True` each rank returns its own share of the loss; the mean over ranks of the returned
     values is the global-batch loss, and the mean over ranks of the gradients (what DDP, FSDP and
@@ -201,10 +207,15 @@ class ClipLoss(GlobalBatchLoss):
     one compared, so a training step never waits on the host.
     """
 
-    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True):
+    def __init__(self, local_loss: bool = True, gather_with_grad: bool = True, tile_size: int | None = None):
         super().__init__()
+        if tile_size is not None:
+            check_tile_size(tile_size)
+            if not gather_with_grad:
+                raise ValueError("the tiled ClipLoss (tile_size) gathers with gradients: use gather_with_grad=True.")
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
+        self.tile_size = tile_size
 
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor | float
@@ -220,7 +231,14 @@ class ClipLoss(GlobalBatchLoss):
             raise ValueError("the contrastive loss needs a global batch of at least 2 pairs (1 has no negatives).")
 
         all_image = gather_features(image_embeds, self.gather_with_grad)
+        if self.tile_size is not None and self.local_loss:
+            # The image→text direction comes from the column statistics of this rank's block (see tiled_clip_loss).
+            gather_column_lse = functools.partial(gather_features, with_grad=True) if world_size > 1 else None
+            offset = rank * local_batch
+            return tiled_clip_loss(text_embeds, all_image, logit_scale, self.tile_size, offset, gather_column_lse)
         all_text = gather_features(text_embeds, self.gather_with_grad)
+        if self.tile_size is not None:
+            return tiled_clip_loss(all_text, all_image, logit_scale, self.tile_size)
         if not self.local_loss:
             return clip_loss(logit_scale * all_text @ all_image.t())
         labels = torch.arange(local_batch, device=image_embeds.device) + rank * local_batch
@@ -237,10 +255,16 @@ class SigLipLoss(GlobalBatchLoss):
     (`gather_features`), with each image's matching text at `rank * local_batch` + its row. Scaling and batch sizes
     follow `ClipLoss`'s contract: the mean over ranks of the returned losses is the global-batch loss, the mean over
     ranks of the gradients (what DDP and `accelerator.backward` do) the global-batch gradient; every rank passes the
-    same local batch size.
+    same local batch size. `tile_size` as in `ClipLoss`.
     """
 
     uses_logit_bias = True
+
+    def __init__(self, tile_size: int | None = None):
+        super().__init__()
+        if tile_size is not None:
+            check_tile_size(tile_size)
+        self.tile_size = tile_size
 
     def forward(
         self,
@@ -257,5 +281,8 @@ class SigLipLoss(GlobalBatchLoss):
         image_embeds, text_embeds, rank, _ = self.local_inputs(image_embeds, text_embeds)
         local_batch = image_embeds.shape[0]
         all_text = gather_features(text_embeds, with_grad=True)
+        if self.tile_size is not None:
+            offset = rank * local_batch
+            return tiled_sigmoid_loss(image_embeds, all_text, logit_scale, logit_bias, self.tile_size, offset)
         labels = torch.arange(local_batch, device=image_embeds.device) + rank * local_batch
         return sigmoid_loss(logit_scale * image_embeds @ all_text.t() + logit_bias, labels)

@@ -20,7 +20,7 @@ def test_dry_run_records_every_stage(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     done = {row["stage"]: row for row in rows if "done" in row}
     # vit-l14 has no tiny counterpart of its own.
-    assert set(done) == {"correctness", "vit-b32", "end-to-end", "fine-tuning"}
+    assert set(done) == {"correctness", "vit-b32", "end-to-end", "fine-tuning", "loss-memory"}
     assert all(row["done"] for row in done.values()), done
     checks = {row["check"]: row for row in rows if row["stage"] == "correctness" and "check" in row}
     # Each of the 2 shards holds a truncated JPEG, bytes that are no image and an empty caption.
@@ -36,5 +36,17 @@ def test_dry_run_records_every_stage(tmp_path):
         next(row for row in rows if row["stage"] == "end-to-end" and "images_per_second" in row)["images_per_second"]
         > 0
     )
+    losses = {row["loss"]: row for row in rows if row["stage"] == "loss-memory" and "loss" in row}
+    assert set(losses) == {
+        "tiled_clip",
+        "hf_clip",
+        "open_clip",
+        "tiled_siglip",
+        "hf_siglip",
+        "open_clip_siglip",
+        "inf_cl",
+    }
+    assert abs(losses["tiled_clip"]["value"] - losses["hf_clip"]["value"]) < 1e-5
+    assert abs(losses["tiled_siglip"]["value"] - losses["hf_siglip"]["value"]) < 1e-5
     tuned = next(row for row in rows if row["stage"] == "fine-tuning" and "steps" in row)
     assert tuned["losses_finite"] and tuned["locked_unchanged"] and tuned["trained_changed"] > 0

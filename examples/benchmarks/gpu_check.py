@@ -337,7 +337,17 @@ def fine_tuning(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: fl
              options=" ".join(FINE_TUNING_OPTIONS))  # fmt: skip
 
 
-STAGES = ("correctness", "vit-b32", "vit-l14", "end-to-end", "fine-tuning")
+def loss_memory(args: argparse.Namespace, rows: Rows) -> None:
+    from loss_memory import device_points  # this folder's loss benchmark (examples/benchmarks/loss_memory.py)
+
+    batches = [4096, 16384, 32768, 65536, 262144] if args.device == "cuda" else [256]
+    for row in device_points(
+        args.device, batches, dim=512, tile_size=4096 if args.device == "cuda" else 64, limit_gb=40
+    ):
+        rows.add("loss-memory", **row)
+
+
+STAGES = ("correctness", "vit-b32", "vit-l14", "end-to-end", "fine-tuning", "loss-memory")
 
 
 def main() -> None:
@@ -370,6 +380,7 @@ def main() -> None:
         "fine-tuning": lambda: fine_tuning(
             args, CUDA_CORRECTNESS_SCALE if args.device == "cuda" else scale, rows, deadline
         ),
+        "loss-memory": lambda: loss_memory(args, rows),
     }
     for stage in args.stages.split(","):
         if args.device == "cpu" and stage == "vit-l14":

@@ -98,6 +98,13 @@ class TrainConfig:
             "-10; a new model's temperature starts at ln 10) stored in the model."
         },
     )
+    loss_tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Compute the loss in blocks of loss_tile_size² logits (hf_clip.tiled_loss: same value and "
+            "gradients, memory O(batch·dim + tile²) instead of O(batch²)), e.g. 1024. Default: the dense loss."
+        },
+    )
     learning_rate: float = 5e-4
     weight_decay: float = 0.2
     adam_beta1: float = 0.9
@@ -206,6 +213,8 @@ class TrainConfig:
         if self.loss not in LOSSES:
             # Not a Literal: the registry is open (`hf_clip.loss.register_loss`).
             raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}.")
+        if self.loss_tile_size is not None and self.loss_tile_size < 1:
+            raise ValueError(f"loss_tile_size must be positive, got {self.loss_tile_size}.")
         if self.lr_scheduler == "wsd" and not 0 < self.decay_steps() <= self.max_steps - self.warmup_steps:
             raise ValueError(
                 f"wsd needs 0 < lr_decay_steps ({self.decay_steps()}) <= max_steps - warmup_steps "

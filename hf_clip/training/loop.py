@@ -184,7 +184,9 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         optimizer, config.lr_scheduler, config.warmup_steps, config.max_steps, config.decay_steps()
     )
     embedder, optimizer, scheduler = accelerator.prepare(ClipEmbedder(model, frozen_batchnorms), optimizer, scheduler)
-    objective = ClipObjective.from_name(embedder, config.loss)
+    # The dense losses unless a tile size is set (options a registered loss may not take are not passed).
+    tiling = {} if config.loss_tile_size is None else {"tile_size": config.loss_tile_size}
+    objective = ClipObjective.from_name(embedder, config.loss, **tiling)
     step_objective: Callable[[dict[str, torch.Tensor]], ObjectiveOutput] = objective
     if on_cuda if config.torch_compile is None else config.torch_compile:
         # Forward and loss as one graph (it compiles without graph breaks); backward through AOTAutograd. Cached
