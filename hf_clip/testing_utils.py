@@ -2,7 +2,9 @@
 transformers): the package's tests import them from here, so every test file sees the same tiny models."""
 
 import os
+import socket
 import string
+import sys
 
 import numpy as np
 import PIL.Image
@@ -121,3 +123,19 @@ def save_tiny_clip_folder(folder: "os.PathLike[str] | str", seed: int = 0) -> No
     HfClipModel(tiny_config()).save_pretrained(folder)
     tiny_clip_tokenizer().save_pretrained(folder)
     tiny_image_processor().save_pretrained(folder)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for the rendezvous of a multi-process test run)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def two_cpu_processes_launch() -> list[str]:
+    """`accelerate launch` of two gloo CPU processes (with ACCELERATE_USE_CPU=1 in the environment: `--cpu
+    --num_processes 2` starts one process, `--multi_gpu` alone independent copies) on a port of their own, so test
+    runs side by side (pytest-xdist) do not meet on accelerate's default port."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    options = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [*launch, *options, "--main_process_port", str(free_port())]

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from hf_clip.testing_utils import (
     tiny_config,
     tiny_image_processor,
     tiny_models,
+    two_cpu_processes_launch,
 )
 from hf_clip.zero_shot import encode_images, encode_texts
 
@@ -151,8 +151,7 @@ def test_two_processes_cover_every_sample_once_and_equal_one_process(single_run,
     single_dir, single_summary = single_run
     output_dir = tmp_path / "two"
     config = shard_config(model_folder, shards, output_dir, num_workers=0)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLES / "embed.py")]
+    command = [*two_cpu_processes_launch(), str(EXAMPLES / "embed.py")]
     for name in ("model", "data_format", "output_dir", "text_column", "batch_size", "num_workers"):
         command += [f"--{name}", str(getattr(config, name))]
     command += ["--data_files", *config.data_files, "--embed", *config.embed]

@@ -4,9 +4,7 @@ import importlib.util
 import io
 import json
 import os
-import socket
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from hf_clip.evaluation.metrics import (
     top_k_accuracy,
 )
 from hf_clip.evaluation.runner import EvalConfig, evaluate_model, gather_in_order
-from hf_clip.testing_utils import tiny_clip_tokenizer, tiny_image_processor, tiny_models
+from hf_clip.testing_utils import tiny_clip_tokenizer, tiny_image_processor, tiny_models, two_cpu_processes_launch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -297,9 +295,7 @@ def test_two_processes_return_exactly_the_dataset(eval_setup, tmp_path):
         "--tasks", "zero_shot", "retrieval", "linear_probe", "--templates_file", str(eval_setup / "templates.txt"),
         "--batch_size", "2", "--probe_max_iter", "100",
     ]  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port()), str(EXAMPLES / "zero_shot_eval.py")]
+    launch = [*two_cpu_processes_launch(), str(EXAMPLES / "zero_shot_eval.py")]
     output_file = tmp_path / "results.json"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
@@ -343,12 +339,6 @@ def test_gathering_rejects_duplicates_and_losses():
         gather_in_order([*batches, {"index": torch.tensor([0]), "embeds": torch.tensor([0.0])}], 3)
     with pytest.raises(RuntimeError, match="duplicates or losses"):
         gather_in_order(batches, 4)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_evaluation_images_reach_the_model_through_the_processor_input_policy():

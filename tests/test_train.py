@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from hf_clip.data.fast_preprocessing import FastClipImagePreprocessor
 from hf_clip.data.formats import DataSpec
 from hf_clip.data.samples import SKIP_REASONS
 from hf_clip.data.streams import ClipBatches, random_crop
-from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config
+from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config, two_cpu_processes_launch
 from hf_clip.training import TrainConfig, main, parse_config
 from hf_clip.training.builders import architecture
 from hf_clip.training.objective import ClipObjective
@@ -272,9 +271,7 @@ def run_setup(tmp_path_factory, shards, tokenizer) -> dict:
 def launch(args: list[str], output_dir: Path) -> subprocess.CompletedProcess:
     # ACCELERATE_USE_CPU + --multi_gpu is how accelerate starts N gloo CPU processes (`--cpu --num_processes 2`
     # starts one process; `--multi_gpu` alone starts independent copies).
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    command += [str(EXAMPLES / "train.py"), "--output_dir", str(output_dir), *args]
+    command = [*two_cpu_processes_launch(), str(EXAMPLES / "train.py"), "--output_dir", str(output_dir), *args]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -14,7 +14,7 @@ import numpy as np
 import PIL.Image
 
 from hf_clip import train_clip_bpe
-from hf_clip.testing_utils import TINY_TEXT, TINY_VIT
+from hf_clip.testing_utils import TINY_TEXT, TINY_VIT, two_cpu_processes_launch
 
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (240, 240, 240)}
 
@@ -102,12 +102,8 @@ def train(
 ) -> subprocess.CompletedProcess:
     """`python -m hf_clip.training` (or `script`), through `accelerate launch -m` for two processes."""
     target = [str(script)] if script is not None else ["-m", "hf_clip.training"]
-    if num_processes == 1:
-        command = [sys.executable, *target, *args]
-    else:
-        # ACCELERATE_USE_CPU + --multi_gpu starts N gloo CPU processes (see tests/test_train.py).
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *target, *args]
+    launcher = [sys.executable] if num_processes == 1 else two_cpu_processes_launch()
+    command = [*launcher, *target, *args]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if check:

@@ -4,11 +4,12 @@ sessions of their own, out of reach of the group's signal; `hf_clip.training.lau
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from faults import run_arguments
+
+from hf_clip.testing_utils import two_cpu_processes_launch
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -24,8 +25,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 def test_killing_the_launch_process_group_ends_the_workers(tmp_path):
     output_dir = tmp_path / "out"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_clip.training"]
+    command = [*two_cpu_processes_launch(), "-m", "hf_clip.training"]
     command += [*run_arguments(tmp_path, num_shards=2, max_steps=100_000), "--output_dir", str(output_dir)]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     launcher = subprocess.Popen(command, env=env, start_new_session=True, stderr=subprocess.DEVNULL)

@@ -67,8 +67,8 @@ def test_a_registered_loss_is_chosen_by_its_name_alone(registered_loss, tmp_path
     output.loss.backward()
     assert model.logit_scale.grad is not None
     # The run config takes the name and gives the model a bias only if the loss uses one.
-    tiny_config().save_pretrained(tmp_path / "clip")
-    tiny_config(logit_bias_init_value=-10.0).save_pretrained(tmp_path / "siglip")
+    HfClipModel(tiny_config()).save_pretrained(tmp_path / "clip")  # architecture() checks the folder is whole
+    HfClipModel(tiny_config(logit_bias_init_value=-10.0)).save_pretrained(tmp_path / "siglip")
     config = TrainConfig(model_name_or_path=str(tmp_path / "clip"), loss=registered_loss)
     assert architecture(config, tiny_clip_tokenizer()).logit_bias_init_value is None
     config = TrainConfig(model_name_or_path=str(tmp_path / "siglip"), loss=registered_loss)
