@@ -65,7 +65,7 @@ gpu-check:
 	python3 -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 python3 examples/benchmarks/gpu_check.py --output $${OUT:-gpu_check}
 
-# The same stages on CPU with tiny configurations (what tests/test_gpu_check.py runs).
+# The same stages on CPU with tiny configurations (what tests/examples/test_gpu_check.py runs).
 gpu-check-dry: install
 	$(PY) examples/benchmarks/gpu_check.py --device cpu --output gpu_check_dry
 

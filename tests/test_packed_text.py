@@ -59,7 +59,7 @@ def packed_step(model: HfClipModel, pixel_values: torch.Tensor, text: dict) -> t
     return loss.detach(), gradients(model)
 
 
-# As tests/test_text_batching.py: float64, so only summation order separates the two paths; eager attention takes
+# As tests/data/test_text_batching.py: float64, so only summation order separates the two paths; eager attention takes
 # its softmax in float32, which bounds its agreement at float32 rounding.
 TOLERANCE = {"sdpa": {"rtol": 0.0, "atol": 1e-10}, "eager": {"rtol": 1e-6, "atol": 1e-5}}
 

@@ -118,7 +118,8 @@ def test_compiles_as_one_graph(checkpointing):
     model = joint_model(checkpointing)
     torch._dynamo.reset()
     counters.clear()
-    # aot_eager: dynamo and AOTAutograd as inductor sees them, without generating C++ for the CPU (tests/test_compile).
+    # aot_eager: dynamo and AOTAutograd as inductor sees them, without generating C++ for the CPU
+    # (tests/training/test_compile.py).
     compiled = torch.compile(training_loss, fullgraph=True, backend="aot_eager")
     input_ids = random_text(4, 16)["input_ids"]
     losses = [compiled(model, pixels(), input_ids) for _ in range(2)]

@@ -47,7 +47,7 @@ class ClipEmbedder(nn.Module):
       attention mask here: captions are padded after their EOS, and the causal text tower pools at the EOS, so the
       mask cannot change the loss; without it sdpa runs its `is_causal` kernel on an unmaterialised mask.
 
-    `tests/test_packed_text.py` and `tests/test_text_batching.py` check both against the padded, masked step.
+    `tests/test_packed_text.py` and `tests/data/test_text_batching.py` check both against the padded, masked step.
     """
 
     def __init__(self, model: HfClipModel, frozen_batchnorms: Sequence[nn.BatchNorm2d] = ()):

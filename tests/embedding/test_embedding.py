@@ -30,7 +30,7 @@ from hf_clip.testing_utils import (
 )
 from hf_clip.zero_shot import encode_images, encode_texts
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PER_SHARD = 5
 
 

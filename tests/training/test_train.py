@@ -1,7 +1,7 @@
 """hf_clip.training and hf_clip.data.streams: data stream (formats, skipping, determinism), optimizer, cached
 accumulation, and real `accelerate launch examples/train.py` runs on 2 CPU processes with device JPEG decoding (DDP,
 exact resume, saved folder loads in AutoModel and the pipeline); exact resume with the default CPU decoding in one
-process. tests/test_training_input.py checks the images the two decoding modes produce."""
+process. tests/data/test_training_input.py checks the images the two decoding modes produce."""
 
 import functools
 import io
@@ -29,7 +29,7 @@ from hf_clip.training.builders import architecture
 from hf_clip.training.objective import ClipObjective
 from hf_clip.training.steps import ClipEmbedder, build_optimizer, cached_accumulation_backward
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 COLORS = ["red", "green", "blue", "white"]
 RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "white": (240, 240, 240)}

@@ -30,7 +30,7 @@ from hf_clip.training.loop import train_batches
 # Resize to 40, crop 32: both crop offsets are drawn from a real range, so a swapped or shifted offset shows.
 PROCESSOR = HfClipImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32})
 CPU = torch.device("cpu")
-# Device decoding vs the exact path, in 8-bit levels (tests/test_device_decoding.py's bounds).
+# Device decoding vs the exact path, in 8-bit levels (tests/data/test_device_decoding.py's bounds).
 MAX_LEVELS, MEAN_LEVELS = 4.5, 0.5
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "examples" / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "examples" / "benchmarks"
 TINY = {"tiny-vit": str(BENCHMARKS / "tiny-vit.json"), "tiny-resnet": str(BENCHMARKS / "tiny-resnet.json")}
 IMPLS = ("hf_clip", "hf_clip-plain", "transformers", "open_clip")
 

@@ -28,7 +28,7 @@ from hf_clip.evaluation.metrics import (
 from hf_clip.evaluation.runner import EvalConfig, evaluate_model, gather_in_order
 from hf_clip.testing_utils import tiny_clip_tokenizer, tiny_image_processor, tiny_models, two_cpu_processes_launch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 KS = (1, 5, 10)
 
