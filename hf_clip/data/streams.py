@@ -235,7 +235,9 @@ class ClipBatches(torch.utils.data.IterableDataset):
             )
             index = self._source_index(example)
             decode_image = functools.partial(self._image, generator=generator)
-            sample = self.decoder(example, skipped[index], decode_image, where=self._where(index))
+            # A format without keys or paths (parquet of raw bytes): the sample is named by its place in the stream.
+            fallback_key = f"#{position} of worker {worker_id}'s epoch-{self.epoch} stream"
+            sample = self.decoder(example, skipped[index], decode_image, fallback_key, where=self._where(index))
             if sample is None:
                 continue
             images.append(cast(torch.Tensor | DeviceJpeg, sample.image))

@@ -166,3 +166,25 @@ def test_a_caption_column_that_is_not_text_is_named(tmp_path):
     datasets.Dataset.from_dict({"image": [jpeg(1)], "caption": [7]}).to_parquet(path)
     with pytest.raises(ValueError, match=r"caption column 'caption' holds .*int64.*, not text"):
         open_source(DataSpec("parquet", [str(path)], "image", "caption"), need_text=True)
+
+
+def test_a_sample_without_key_or_path_is_named_by_its_place(tmp_path, caplog):
+    import datasets
+
+    path = tmp_path / "rows.parquet"
+    rows = {"image": [jpeg(1), b"not a png", jpeg(2)], "caption": ["a", "b", "c"]}
+    datasets.Dataset.from_dict(rows).to_parquet(path)
+    batches = ClipBatches(
+        [DataSpec("parquet", [str(path)], "image", "caption")],
+        image_transform=functools.partial(random_crop, FastClipImagePreprocessor(PROCESSOR)),
+        tokenizer=train_clip_bpe(["a", "b", "c"] * 10, vocab_size=600),
+        batch_size=2,
+        seed=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=0,
+    )
+    with caplog.at_level(logging.WARNING):
+        records = list(batches)
+    assert sum(int(record["skipped"][0, SKIP_REASONS.index("bad_image")]) for record in records) == 1
+    assert "skipped sample #2 of worker 0's epoch-0 stream (bad_image)" in caplog.text
