@@ -62,7 +62,10 @@ def fsync_tree(folder: Path) -> None:
 
 
 def fsync_path(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another rank's temporary file, renamed or removed since the folder was listed
+        return
     try:
         os.fsync(descriptor)
     finally:

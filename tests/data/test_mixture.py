@@ -219,7 +219,8 @@ def test_data_cursor_keeps_counts_per_source():
     assert [next(stream), next(stream)] == [{"input_ids": 1}, {"input_ids": 2}]  # the skip-only record counts too
     assert cursor.skipped.tolist() == [[1, 0, 0, 1, 0], [3, 2, 0, 0, 0]] and cursor.batches_in_epoch == 3
     state = json.loads(json.dumps(cursor.state()))
-    assert state == {"epoch": 0, "batches_in_epoch": 3, "skipped": [[1, 0, 0, 1, 0], [3, 2, 0, 0, 0]]}
+    skipped = [[1, 0, 0, 1, 0], [3, 2, 0, 0, 0]]
+    assert state == {"epoch": 0, "batches_in_epoch": 3, "skipped": skipped, "truncated_captions": 0}
     restored = DataCursor(**state, num_sources=2)
     assert torch.equal(restored.skipped, cursor.skipped) and restored.batches_in_epoch == 3
     with pytest.raises(ValueError, match="resume with the sources"):

@@ -107,7 +107,9 @@ def train(
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if check:
-        assert result.returncode == 0, result.stderr[-4000:]
+        # Every rank's own traceback, not only the last lines (rank 0's, when another rank crashed first).
+        ranks = [line for line in result.stderr.splitlines() if line.startswith("[rank")]
+        assert result.returncode == 0, "\n".join(ranks[-60:]) or result.stderr[-4000:]
     return result
 
 
