@@ -8,11 +8,12 @@ hf_clip's tiled `ClipLoss(tile_size=...)` / `SigLipLoss(tile_size=...)`, hf_clip
 peaks do not carry over: the baseline is the process's peak RSS with the features allocated and one small warm-up
 call made, the point's figure the peak RSS after one timed forward + backward, minus the baseline (both are
 reported). Dense points whose estimated peak exceeds `--dense_limit_gb` are skipped (the machine is shared) and
-listed as skipped.
+listed as skipped; a point the kernel kills for memory is listed as failed.
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -43,6 +44,12 @@ def make_loss(name: str, tile_size: int) -> Callable[..., torch.Tensor]:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _first_to_be_killed() -> None:
+    """In a point's subprocess: if memory runs out, the kernel's OOM killer picks this process, not another one."""
+    with open("/proc/self/oom_score_adj", "w") as file:
+        file.write("1000")
 
 
 def run_point(name: str, batch: int, dim: int, tile_size: int) -> dict:
@@ -113,8 +120,14 @@ def device_points(device: str, batches: list[int], dim: int, tile_size: int, lim
                 torch.cuda.reset_peak_memory_stats()
             baseline = torch.cuda.memory_allocated() if device == "cuda" else 0
             start = time.perf_counter()
-            loss = loss_fn(*inputs, scale, *extra)
-            loss.backward()
+            try:
+                loss = loss_fn(*inputs, scale, *extra)
+                loss.backward()
+            except torch.OutOfMemoryError as error:  # a dense point past the device's memory is a result too
+                rows.append({"loss": name, "batch": batch, "failed": str(error).splitlines()[0][:300]})
+                del inputs
+                torch.cuda.empty_cache()
+                continue
             if device == "cuda":
                 torch.cuda.synchronize()
             row = {"loss": name, "batch": batch, "seconds": time.perf_counter() - start, "value": loss.item()}
@@ -123,6 +136,19 @@ def device_points(device: str, batches: list[int], dim: int, tile_size: int, lim
             rows.append(row)
             del inputs, loss
     return rows
+
+
+def point_in_subprocess(name: str, batch: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--point", name, str(batch), "--dim", str(args.dim)]
+    command += ["--tile_size", str(args.tile_size), "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=_first_to_be_killed)
+    if result.returncode == 0:
+        row = json.loads(result.stdout.strip().splitlines()[-1])
+    else:  # a dense point past the machine's memory is a result too: the kernel's OOM killer ends it
+        reason = "killed (SIGKILL: out of memory)" if result.returncode == -9 else result.stderr[-500:]
+        row = {"loss": name, "batch": batch, "failed": reason, "returncode": result.returncode}
+    row["load_average_1min_after"] = os.getloadavg()[0]  # the point itself adds ~threads; more is other work
+    return row
 
 
 def main() -> None:
@@ -146,16 +172,12 @@ def main() -> None:
             estimate_gb = DENSE_MATRICES.get(name, 0) * batch**2 * 4 / 1e9
             if estimate_gb > args.dense_limit_gb:
                 rows.append({"loss": name, "batch": batch, "skipped": f"estimated {estimate_gb:.0f} GB"})
-                print(json.dumps(rows[-1]), flush=True)
-                continue
-            command = [sys.executable, __file__, "--point", name, str(batch), "--dim", str(args.dim)]
-            command += ["--tile_size", str(args.tile_size), "--threads", str(args.threads)]
-            result = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append(point_in_subprocess(name, batch, args))
             print(json.dumps(rows[-1]), flush=True)
-    with open(args.output, "w") as file:
-        summary = {"dim": args.dim, "tile_size": args.tile_size, "threads": args.threads, "points": rows}
-        json.dump(summary, file, indent=1)
+            with open(args.output, "w") as file:  # after every point: a long run stopped midway keeps what it has
+                summary = {"dim": args.dim, "tile_size": args.tile_size, "threads": args.threads, "points": rows}
+                json.dump(summary, file, indent=1)
 
 
 if __name__ == "__main__":
