@@ -28,6 +28,7 @@ from hf_clip.testing_utils import (
 from hf_clip.tokenization_hf_clip import check_tokenizer, tokenize_captions
 from hf_clip.training import TrainConfig, main
 from hf_clip.training.builders import architecture
+from hf_clip.training.run_folder import read_metrics
 
 WORDS = ["red", "green", "blue", "white", "square", "circle", "photo", "small", "large", "bright", "dark", "striped"]
 WORDS += ["dotted", "shiny"]
@@ -302,7 +303,7 @@ def test_fine_tuning_at_248_tokens_trains_the_stretched_positions_and_saves(toke
         "--per_device_batch_size", "4", "--max_steps", "3", "--warmup_steps", "0", "--learning_rate", "1e-3",
         "--logging_steps", "1", "--log_with", "none",
     ])  # fmt: skip
-    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(output)
     # Unshuffled, one process: step k has trained the first 4k captions; the count is cumulative.
     assert (
         [record["truncated_captions"] for record in records]

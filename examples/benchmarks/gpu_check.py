@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_clip.synthetic import jpeg_bytes, photo_like, write_webdataset_shard
+from hf_clip.training.run_folder import read_metrics
 
 BENCHMARKS = Path(__file__).resolve().parent
 EXAMPLES = BENCHMARKS.parent
@@ -154,7 +155,7 @@ def new_model(scale: Scale, tokenizer: Path) -> list[str]:
 
 
 def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(output_dir)
 
 
 def correctness(args: argparse.Namespace, scale: Scale, rows: Rows, deadline: float) -> None:

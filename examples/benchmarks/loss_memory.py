@@ -27,6 +27,11 @@ LOSSES = ("tiled_clip", "hf_clip", "open_clip", "tiled_siglip", "hf_siglip", "op
 DENSE_MATRICES = {"hf_clip": 6, "open_clip": 6, "hf_siglip": 5, "open_clip_siglip": 5}
 
 
+def dense_estimate_gb(name: str, batch: int) -> float:
+    """The dense loss's peak in GB at `batch` (0 for the tiled losses): the points past a limit are skipped."""
+    return DENSE_MATRICES.get(name, 0) * batch**2 * 4 / 1e9
+
+
 def make_loss(name: str, tile_size: int) -> Callable[..., torch.Tensor]:
     import open_clip
 
@@ -104,7 +109,7 @@ def device_points(device: str, batches: list[int], dim: int, tile_size: int, lim
             for _ in range(2)
         )
         for name in (*LOSSES, "inf_cl"):
-            estimate_gb = DENSE_MATRICES.get(name, 0) * batch**2 * 4 / 1e9
+            estimate_gb = dense_estimate_gb(name, batch)
             if estimate_gb > limit_gb or (name == "inf_cl" and cal_inf_loss is None):
                 reason = f"estimated {estimate_gb:.0f} GB" if name != "inf_cl" else inf_cl_error
                 rows.append({"loss": name, "batch": batch, "skipped": reason})
@@ -169,7 +174,7 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         for name in args.losses:
-            estimate_gb = DENSE_MATRICES.get(name, 0) * batch**2 * 4 / 1e9
+            estimate_gb = dense_estimate_gb(name, batch)
             if estimate_gb > args.dense_limit_gb:
                 rows.append({"loss": name, "batch": batch, "skipped": f"estimated {estimate_gb:.0f} GB"})
             else:

@@ -16,14 +16,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from hf_clip.training.run_folder import read_metrics
+
 DEMO = Path(__file__).resolve().parents[1] / "demo.py"
 
 
 def demo(output_dir: Path, max_steps: int, extra: list[str]) -> tuple[list[dict], dict]:
     command = [sys.executable, str(DEMO), "--output-dir", str(output_dir), "--max-steps", str(max_steps)]
     subprocess.run([*command, "--", "--logging_steps", "1", *extra], check=True)
-    lines = (output_dir / "run" / "metrics.jsonl").read_text().splitlines()
-    records = [record for record in map(json.loads, lines) if "loss" in record]
+    records = [record for record in read_metrics(output_dir / "run") if "loss" in record]
     return records, json.loads((output_dir / "summary.json").read_text())
 
 

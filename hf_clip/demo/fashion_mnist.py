@@ -37,6 +37,7 @@ from transformers import AutoModel, AutoProcessor, pipeline
 
 from ..synthetic import write_webdataset_shard
 from ..tokenization_hf_clip import train_clip_bpe
+from ..training.run_folder import read_metrics
 from ..zero_shot import ZeroShotClassifier
 
 # The run config and the architecture it names sit beside this module (package data).
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     train_wall = time.perf_counter() - train_started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # train.py and its data worker
     train_cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
-    metrics = [json.loads(line) for line in (output_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(output_dir / "run")
 
     model_dir = output_dir / "run" / "model"
     model = AutoModel.from_pretrained(model_dir).eval()

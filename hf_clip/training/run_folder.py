@@ -17,10 +17,18 @@ from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
+# The logged scalars: one JSON object per logged step, `{"step": N, ...}`.
+METRICS_FILE = "metrics.jsonl"
 # What a run writes into its output_dir; `--overwrite_output_dir` removes these and nothing else.
-RUN_OUTPUTS = (CHECKPOINTS_FOLDER, "logs", "metrics.jsonl", "model")
+RUN_OUTPUTS = (CHECKPOINTS_FOLDER, "logs", METRICS_FILE, "model")
 # Keys of a config's dict that say where or with what it was saved, not what it is.
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version"}
+
+
+def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
+    """The records a run logged to its `metrics.jsonl`, in order."""
+    lines = (Path(output_dir) / METRICS_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def prepare_output_dir(accelerator: Accelerator, config: TrainConfig) -> None:

@@ -35,7 +35,7 @@ from .checkpoints import (
     write_folder_atomically,
     write_synced,
 )
-from .run_folder import check_same_run
+from .run_folder import METRICS_FILE, check_same_run
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def save_final(accelerator: Accelerator, embedder: torch.nn.Module, processor: H
 
 def drop_metrics_after(accelerator: Accelerator, output_dir: Path, step: int) -> None:
     """Keep the `metrics.jsonl` lines up to `step` (where a run resumes): the steps it replays are logged again."""
-    path = output_dir / "metrics.jsonl"
+    path = output_dir / METRICS_FILE
     if not accelerator.is_main_process or not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -220,5 +220,5 @@ def log_record(accelerator: Accelerator, output_dir: Path, step: int, record: di
     accelerator.log(record, step=step)
     if accelerator.is_main_process:
         logger.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
-        with (output_dir / "metrics.jsonl").open("a") as file:
+        with (output_dir / METRICS_FILE).open("a") as file:
             file.write(json.dumps({"step": step, **record}) + "\n")

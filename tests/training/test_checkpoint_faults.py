@@ -2,13 +2,14 @@
 `--resume latest` takes the previous complete checkpoint (warning about and removing the partial one), and the run
 ends bitwise equal to an uninterrupted one, in one process and in two gloo processes."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from faults import run_arguments, train, write_killer
 from safetensors.torch import load_file
+
+from hf_clip.training.run_folder import read_metrics
 
 KILLED_CHECKPOINT = "step_00000004"  # the second save of the 6-step run
 
@@ -55,7 +56,7 @@ def test_kill_during_a_checkpoint_write_then_resume_latest(setup, point, rank):
     assert "removing incomplete checkpoint" in resumed.stderr and f".{KILLED_CHECKPOINT}.partial" in resumed.stderr
     assert "resumed from" in resumed.stderr and "step_00000002 at step 2" in resumed.stderr
     assert_same_model(output_dir, folder / "uninterrupted")
-    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in read_metrics(output_dir)]
     assert steps == [1, 2, 3, 4, 5, 6]  # the killed run's steps 3 and 4 were dropped, then logged again
     assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == [
         "step_00000002",

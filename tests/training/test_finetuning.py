@@ -20,6 +20,7 @@ from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, random_text,
 from hf_clip.training import TrainConfig, main
 from hf_clip.training.finetuning import layer_decay_scales, layer_groups, lock_logit_parameters, lock_tower
 from hf_clip.training.objective import ClipObjective
+from hf_clip.training.run_folder import read_metrics
 from hf_clip.training.steps import ClipEmbedder, build_optimizer, build_scheduler
 
 
@@ -317,7 +318,7 @@ def test_fine_tuning_run_with_locks_layer_decay_wsd_sigmoid_and_two_sources(two_
     # The sigmoid loss added SigLIP's bias to a softmax checkpoint, trained it and saved it with the model.
     assert start.logit_bias is None and tuned.config.logit_bias_init_value == -10.0
     assert tuned.logit_bias is not None and float(tuned.logit_bias) != -10.0
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "out")
     # wsd at 5e-4: warmup 1 step, stable until step 4, cosine decay over the last 2 (logged after each step).
     assert [record["learning_rate"] for record in records] == pytest.approx([5e-4, 5e-4, 5e-4, 5e-4, 2.5e-4, 0.0])
     assert all(math.isfinite(record["loss"]) for record in records)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from hf_clip.training import main
 from hf_clip.training.checkpoints import CheckpointError, complete_checkpoints, latest_checkpoint
+from hf_clip.training.run_folder import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def copy_run(finished: Path, tmp_path: Path) -> Path:
 
 
 def metric_steps(output_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["step"] for record in read_metrics(output_dir)]
 
 
 def test_a_second_run_into_a_used_output_dir_is_refused_unless_overwritten(args, finished, tmp_path):

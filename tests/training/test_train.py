@@ -27,6 +27,7 @@ from hf_clip.testing_utils import TINY_RESNET, TINY_TEXT, TINY_VIT, tiny_config,
 from hf_clip.training import TrainConfig, main, parse_config
 from hf_clip.training.builders import architecture
 from hf_clip.training.objective import ClipObjective
+from hf_clip.training.run_folder import read_metrics
 from hf_clip.training.steps import ClipEmbedder, build_optimizer, cached_accumulation_backward
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -286,7 +287,7 @@ def full_run(run_setup) -> Path:
 
 
 def test_two_process_run_reports_skips_and_logs(full_run):
-    records = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(full_run)
     assert [record["step"] for record in records] == [1, 2, 3, 4]
     last = records[-1]
     # Each rank reads one shard of 24 samples (2 undecodable images, the truncated JPEG caught by the workers' check,
@@ -388,7 +389,7 @@ def test_tiled_loss_run_reproduces_the_dense_run(run_setup, tmp_path, loss):
     for name, extra in (("dense", []), ("tiled", ["--loss_tile_size", "4"])):
         output_dir = tmp_path / name
         main([*run_setup["training"], "--loss", loss, "--output_dir", str(output_dir), *extra])
-        records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(output_dir)
         losses[name] = torch.tensor([record["loss"] for record in records if "loss" in record])
     assert len(losses["dense"]) == 4
     torch.testing.assert_close(losses["tiled"], losses["dense"], atol=1e-5, rtol=0)
